@@ -132,3 +132,57 @@ def topk_kl(
         weights = mask.to(per_token.dtype)
         mean = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
     return mean * (temperature**2)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss hook of the training loop: (model, batch) -> (loss, metrics)
+
+
+def _unwrap(model: Any) -> Any:
+    """The bare model under DDP/accelerate wrappers (`.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@dataclass
+class DistillLoss:
+    """`lm_weight * CE + kl_weight * KL(teacher || student)`, as `compute_loss` for the loop.
+
+    The batch carries the teacher's targets (`topk_probs`, `topk_ids`, `tail`) in precomputed
+    mode; in online mode `teacher` (an `OnlineTeacher`) computes them from the batch's teacher
+    rows. An `OnlineTeacher` without a model of its own runs the student's frozen decoder with no
+    encoder input, which *is* the teacher when the student extends the teacher's own weights (the
+    default): no second copy of the weights in memory.
+
+    Metrics: `ce`, `kl` (the unweighted terms), `nll_sum` / `n_tokens` (for exact perplexity).
+    """
+
+    lm_weight: float = 1.0
+    kl_weight: float = 2.0
+    kl_mode: str = "drop"
+    temperature: float = 1.0
+    teacher: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        parse_kl_mode(self.kl_mode)
+
+    def targets(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return batch
+        if getattr(self.teacher, "model", True) is None:
+            return self.teacher(batch, model=_unwrap(model).decoder)
+        return self.teacher(batch)
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        from pipeline.train.losses import causal_nll, model_inputs
+        from pipeline.train.teacher import IDS, PROBS, TAIL
+
+        target = self.targets(model, batch)
+        out = model(**model_inputs(batch))
+        nll, n_tokens = causal_nll(out.logits, batch["labels"])
+        ce = nll / n_tokens.clamp(min=1)
+        kl = topk_kl(out.logits, target[PROBS], target[IDS], target.get(TAIL), mask=batch.get("attention_mask"),
+                     mode=self.kl_mode, temperature=self.temperature)
+        loss = self.lm_weight * ce + self.kl_weight * kl
+        return loss, {"ce": ce.detach(), "kl": kl.detach(), "nll_sum": nll.detach(), "n_tokens": n_tokens}

@@ -263,21 +263,41 @@ class OnlineTeacher:
     so training-time context masking never hides context from the teacher. The output is exactly
     what `TeacherLogits` serves for the same rows (same assembly, same fp32 top-k, same fp16/int32
     rounding): precomputed and online distillation see the same numbers.
+
+    `model=None` means "the model passed at call time": `DistillLoss` then passes the student's
+    frozen decoder, which is the teacher itself when the student extends the teacher's weights.
+    A teacher with its own model is moved to the batch's device at the first call.
     """
 
-    def __init__(self, model: Any, context_len: int, decoder_len: int, k: int, temperature: float = 1.0) -> None:
-        check_window(context_len, decoder_len, max_window(model.config))
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, model: Any, context_len: int, decoder_len: int, k: int, temperature: float = 1.0,
+                 max_positions: int | None = None) -> None:
+        if model is not None:
+            max_positions = max_window(model.config)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        if max_positions is not None:
+            check_window(context_len, decoder_len, max_positions)
+        self.model = model
         self.context_len, self.decoder_len, self.k, self.temperature = context_len, decoder_len, k, temperature
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, torch.Tensor]:
         """Returns `topk_probs` (B, n, k), `topk_ids` (B, n, k) and `tail` (B, n)."""
         if TEACHER_INPUT_IDS not in batch:
             raise KeyError(f"online teacher: the batch has no {TEACHER_INPUT_IDS!r} (build the dataset with teacher rows)")
-        out = teacher_topk(self.model, batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK],
-                           self.decoder_len, self.k, self.temperature)
+        model = self.model if self.model is not None else model
+        if model is None:
+            raise ValueError("online teacher: no model")
+        device = batch[TEACHER_INPUT_IDS].device
+        if next(model.parameters()).device != device:
+            model.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            out = teacher_topk(model, batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK],
+                               self.decoder_len, self.k, self.temperature)
+        finally:
+            model.train(was_training)
         return {PROBS: out[PROBS], IDS: out[IDS], TAIL: out[TAIL]}
 
 
