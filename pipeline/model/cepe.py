@@ -105,6 +105,12 @@ class CepeConfig(PretrainedConfig):
                 kwargs.setdefault(name, getattr(decoder_config, name, None))
         super().__init__(**kwargs)
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """The decoder's config: what caches and generation size themselves by."""
+        if encoder and not decoder:
+            return self.encoder_config
+        return self.decoder_config
+
     def cross_attn_layer_ids(self) -> list[int]:
         total = self.decoder_config.num_hidden_layers
         n = total if self.num_cross_attn_layers is None else self.num_cross_attn_layers

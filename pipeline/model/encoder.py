@@ -13,8 +13,6 @@ restart at 0 in every chunk and no chunk sees another; the outputs are concatena
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
@@ -205,12 +203,10 @@ class CepeEncoderForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-@dataclass
-class EncoderInit:
-    """How `encoder_from_decoder_layers` built an encoder (recorded in run manifests)."""
-
-    source: str
-    layers: int
+def base_layer_attn(decoder: PreTrainedModel) -> nn.Module:
+    """The first decoder layer's self-attention q-projection (to read its bias)."""
+    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
+    return base.layers[0].self_attn.q_proj
 
 
 def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> CepeEncoder:
@@ -234,6 +230,10 @@ def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> Ce
         rope_parameters=getattr(dconf, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(dconf, "rope_theta", 10000.0)},
         tie_word_embeddings=True,
     )
+    # Qwen2-style decoders carry q/k/v biases; a Llama encoder then needs attention biases too
+    # (its o-projection bias, which Qwen2 lacks, starts at zero).
+    has_bias = getattr(base_layer_attn(decoder), "bias", None) is not None
+    config.attention_bias = has_bias
     if num_layers > dconf.num_hidden_layers:
         raise ValueError(f"encoder layers {num_layers} > decoder layers {dconf.num_hidden_layers}")
     config._attn_implementation = dconf._attn_implementation
@@ -247,7 +247,11 @@ def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> Ce
             src = base.layers[i].state_dict()
             # A CEPE decoder layer also holds cross-attention weights: copy the Llama ones only.
             src = {k: v for k, v in src.items() if not k.startswith("cross_attn.")}
-            encoder.layers[i].load_state_dict(src)
+            missing, unexpected = encoder.layers[i].load_state_dict(src, strict=False)
+            if unexpected or set(missing) - {"self_attn.o_proj.bias"}:
+                raise ValueError(f"decoder layer {i} does not fit a Llama encoder layer: missing {missing}, unexpected {unexpected}")
+            if missing:
+                encoder.layers[i].self_attn.o_proj.bias.zero_()
         encoder.norm.weight.copy_(base.layers[num_layers].input_layernorm.weight if num_layers < dconf.num_hidden_layers else base.norm.weight)
     encoder.to(base.embed_tokens.weight.dtype)
     return encoder
