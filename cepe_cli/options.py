@@ -3,6 +3,7 @@
 `config_options(ConfigCls, section)` adds to a command:
 - `--params FILE`: the params file whose `section` fills the config (default `params.yaml` when
   it exists in the working directory);
+- `--section NAME`: read another section than the stage's own (one stage, several configs);
 - `-S/--set key=value` (repeatable): overrides with the `dvc exp run -S` syntax;
 - one `--field-name VALUE` option per dataclass field, defaulting to "unset" so that only what the
   user typed overrides the params file.
@@ -42,18 +43,19 @@ def config_options(config_cls: type, section: str) -> Callable[[Callable[..., An
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def wrapper(params: str | None, set_pairs: tuple[str, ...], **kwargs: Any) -> Any:
+        def wrapper(params: str | None, section_name: str | None, set_pairs: tuple[str, ...], **kwargs: Any) -> Any:
+            sec = section_name or section
             overrides: dict[str, Any] = {}
             for name in fields:
                 value = kwargs.pop(name, None)
                 if value is None or value == ():
                     continue
                 overrides[name] = list(value) if isinstance(value, tuple) else value
-            overrides.update(parse_overrides(set_pairs, section))
+            overrides.update(parse_overrides(set_pairs, sec))
             params_file = params
             if params_file is None and Path("params.yaml").is_file():
                 params_file = "params.yaml"
-            config = load_config(config_cls, section, params_file, overrides)
+            config = load_config(config_cls, sec, params_file, overrides)
             return fn(config=config, **kwargs)
 
         for name, (tp, help_text) in reversed(list(fields.items())):
@@ -74,6 +76,14 @@ def config_options(config_cls: type, section: str) -> Callable[[Callable[..., An
             multiple=True,
             metavar="KEY=VALUE",
             help=f"Override a `{section}` key, as `dvc exp run -S {section}.KEY=VALUE` does.",
+        )(wrapper)
+        wrapper = click.option(
+            "--section",
+            "section_name",
+            default=None,
+            metavar="NAME",
+            help=f"Params section to read (default `{section}`); lets one stage run with several configs, "
+            "e.g. `prepare_mlm` and `prepare_train`.",
         )(wrapper)
         wrapper = click.option(
             "--params",
