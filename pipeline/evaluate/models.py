@@ -1,0 +1,110 @@
+"""Loading the model and tokenizer under evaluation, and the few facts evaluation needs of them.
+
+Any `AutoModelForCausalLM`-loadable directory works: a plain decoder or a CEPE model
+(`pipeline.model` is imported first so the "cepe" model type is registered). Anything that fails
+to load becomes a one-line `CepeError` naming the path, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pipeline.errors import CepeError
+
+
+def is_cepe(model: Any) -> bool:
+    """A CEPE model announces itself by `config.model_type == "cepe"` (docs/architecture.md)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "cepe"
+
+
+def decoder_of(model: Any) -> Any:
+    """The plain decoder inside a CEPE model (`model.decoder`), or the model itself."""
+    return model.decoder if is_cepe(model) and hasattr(model, "decoder") else model
+
+
+def max_positions(model: Any) -> int | None:
+    """The decoder's position limit (`max_position_embeddings`), or None if it has none."""
+    config = getattr(decoder_of(model), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise CepeError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The project's tokenizer loader when present ("embedded" and paths), else AutoTokenizer."""
+    try:
+        tokenize = importlib.import_module("pipeline.data.tokenize")
+        loader = getattr(tokenize, "load_tokenizer")
+    except (ImportError, AttributeError):
+        loader = None
+    try:
+        if loader is not None:
+            tok = loader(name_or_path)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+    except CepeError:
+        raise
+    except Exception as exc:  # OSError, ValueError, JSON errors from a broken folder
+        raise CepeError(f"tokenizer {name_or_path!r} cannot be loaded: {_one_line(exc)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
+               attn_implementation: str | None = "sdpa") -> Any:
+    """`AutoModelForCausalLM.from_pretrained` with CEPE registered, in eval mode on `device`."""
+    if not name_or_path:
+        raise CepeError("model: a model directory or name is required (--model PATH)")
+    from transformers import AutoModelForCausalLM
+
+    importlib.import_module("pipeline.model")  # registers CepeForCausalLM when it is present
+    dev = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as exc:
+        raise CepeError(f"model {name_or_path!r} cannot be loaded: {_one_line(exc)}") from None
+    model.to(dev)
+    model.eval()
+    return model
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """What a run records about the model."""
+    return {
+        "cepe": is_cepe(model),
+        "model_type": getattr(model.config, "model_type", None),
+        "decoder_type": getattr(decoder_of(model).config, "model_type", None),
+        "max_positions": max_positions(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
