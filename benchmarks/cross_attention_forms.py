@@ -1,0 +1,51 @@
+"""Time one cross-attention layer, projected vs absorbed, for a decode step and a prefill.
+
+LLaMA-2-7B shapes (32 heads x 128, hidden 4096) over the paper's encoder width (1024), bf16.
+Prints a table; used to choose `absorbed_min_context` (see pipeline/model/cross_attention.py).
+    PYTHONPATH=. python benchmarks/cross_attention_forms.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.model.cross_attention import CepeCrossAttention
+
+
+def time_ms(fn, repeats=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    dev, dt = "cuda", torch.bfloat16
+    norm = torch.nn.RMSNorm(4096).to(dev, dt)
+    xattn = CepeCrossAttention(4096, 1024, 32, 128, norm).to(dev, dt)
+    for w in (xattn.q_proj, xattn.k_proj, xattn.v_proj, xattn.o_proj):
+        torch.nn.init.normal_(w.weight, std=0.02)
+    print(f"{'queries':>8} {'context':>8} {'projected ms':>13} {'absorbed ms':>12} {'rel diff':>9}")
+    with torch.no_grad():
+        for q_len in (1, 16, 4096):
+            for ctx in (4096, 28672, 126976):
+                h = torch.randn(1, q_len, 4096, device=dev, dtype=dt)
+                phi = torch.randn(1, ctx, 1024, device=dev, dtype=dt)
+                a = xattn(h, phi, form="projected")
+                b = xattn(h, phi, form="absorbed")
+                rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+                tp = time_ms(lambda: xattn(h, phi, form="projected"))
+                ta = time_ms(lambda: xattn(h, phi, form="absorbed"))
+                print(f"{q_len:>8} {ctx:>8} {tp:>13.3f} {ta:>12.3f} {rel:>9.1e}")
+
+
+if __name__ == "__main__":
+    main()
