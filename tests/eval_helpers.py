@@ -52,3 +52,29 @@ def save_tiny(path: Path, max_positions: int = 4096, seed: int = 0) -> Path:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def tiny_cepe(max_positions: int = 4096, seed: int = 0, perturb: float = 0.5):
+    """A tiny CEPE model around `tiny_llama`, its cross-attention output made non-zero so that
+    the encoder input changes the logits."""
+    from pipeline.model import CepeForCausalLM
+
+    decoder = tiny_llama(max_positions=max_positions, seed=seed)
+    torch.manual_seed(seed + 1)
+    model = CepeForCausalLM.from_decoder(
+        decoder, encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4)
+    )
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for layer in model.cross_attention_layers():
+            w = layer.cross_attn.o_proj.weight
+            w.copy_(torch.randn(w.shape, generator=g) * perturb / w.shape[1] ** 0.5)
+    return model.eval()
+
+
+def save_tiny_cepe(path: Path, max_positions: int = 4096, seed: int = 0) -> Path:
+    model = tiny_cepe(max_positions=max_positions, seed=seed)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
