@@ -167,7 +167,12 @@ def test_sdpa_and_eager_agree(family):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_projected_and_absorbed_forms_agree(attn):
+@pytest.mark.parametrize("direct_scores", [True, False])
+def test_projected_and_absorbed_forms_agree(attn, direct_scores, monkeypatch):
+    from pipeline.model.cross_attention import CepeCrossAttention
+
+    if not direct_scores:  # force the attention-kernel path used for many queries
+        monkeypatch.setattr(CepeCrossAttention, "ABSORBED_DIRECT_MAX_SCORES", 0)
     model = tiny_cepe(tiny_decoder(attn_implementation=attn))
     _perturb_o_proj(model)
     ids, enc = _inputs()

@@ -40,6 +40,9 @@ class CepeCrossAttention(nn.Module):
     """Cross-attention sublayer: (B, T, D) decoder states x (B, S, E) encoder states -> (B, T, D)."""
 
     is_causal = False  # the shared attention helpers read this; cross-attention is never causal
+    # Above this many (query x context) scores the absorbed form goes through sdpa instead of
+    # materialising the score matrix (a float32 matrix of this size is 256 MB).
+    ABSORBED_DIRECT_MAX_SCORES = 64 * 1024 * 1024
 
     def __init__(
         self,
@@ -139,9 +142,19 @@ class CepeCrossAttention(nn.Module):
         w_k = self.k_proj.weight.view(heads, d, e)  # (H, d, E)
         w_v = self.v_proj.weight.view(heads, d, e)  # (H, d, E)
         q_abs = torch.einsum("bhtd,hde->bhte", q, w_k)  # (B, H, T, E)
-        q_abs = q_abs.reshape(bsz, 1, heads * q_len, e)  # (B, 1, H*T, E): one head over phi
-        kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
-        ctx = self._attend(q_abs, kv, kv, key_mask, self.scaling)  # (B, 1, H*T, E)
+        q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
+        ctx_len = phi.shape[1]
+        if heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
+            # Few queries (decoding): two plain matmuls over phi. sdpa has no fused kernel for a
+            # head width of E (1024) and its fallback is an order of magnitude slower here.
+            scores = torch.matmul(q_abs, phi.transpose(1, 2)).float() * self.scaling  # (B, H*T, S)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask[:, 0], torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1).to(phi.dtype)
+            ctx = torch.matmul(probs, phi)  # (B, H*T, E)
+        else:
+            kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
+            ctx = self._attend(q_abs[:, None], kv, kv, key_mask, self.scaling)[:, 0]  # (B, H*T, E)
         ctx = ctx.view(bsz, heads, q_len, e)  # (B, H, T, E)
         return torch.einsum("bhte,hde->bhtd", ctx, w_v)  # (B, H, T, d)
 
