@@ -1,0 +1,41 @@
+"""`cepe bench`: memory and throughput of CEPE against full attention."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import click
+
+from cepe_cli.options import config_options
+from pipeline.stages.bench import BenchConfig
+
+
+def _split_commas(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Let list options take `--lengths 4096,8192` as well as repeated `--lengths 4096`."""
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for name in names:
+                values = kwargs.get(name)
+                if values:
+                    kwargs[name] = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+            return fn(**kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+@click.command("bench")
+@_split_commas("lengths", "sides")
+@config_options(BenchConfig, "bench")
+def command_bench(config: BenchConfig) -> None:
+    """Measure CEPE and full attention side by side: forward time, peak memory, context state,
+    time per generated token (plain and static-cache/CUDA-graph loops), at batch 1 and at the
+    largest batch that fits; writes bench.json and bench.md into --output-dir."""
+    from pipeline.stages.bench import run
+
+    report = run(config)
+    click.echo(f"wrote {config.output_dir}/bench.json and bench.md ({'complete' if report.get('complete') else 'incomplete'})")

@@ -1,0 +1,219 @@
+"""Clocks, memory counters, OOM handling and the device's own ceilings.
+
+On CUDA, times come from CUDA events (no host sync inside a measured region) and memory from
+the caching allocator's counters; on a CPU the same code runs with `perf_counter` and without
+memory counters, so the whole benchmark can be tested anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+GB = 1e9
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import CepeError
+
+        raise CepeError(f"bench.device: {name!r} requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+@contextlib.contextmanager
+def building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Create modules directly on `device` in `dtype`: a random 7B model is initialised on the
+    GPU in bf16 in about a second, instead of in fp32 on the CPU (54 GB and minutes)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+# ---------------------------------------------------------------------------------------------
+class Clock:
+    """Marks points in the device's stream; `seconds(a, b)` after `sync()`."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Memory:
+    """Allocator counters (bytes) on CUDA; None everywhere on a CPU."""
+
+    device: torch.device
+    _start: int = field(default=0, init=False)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def allocated(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def peak_reserved(self) -> int | None:
+        return torch.cuda.max_memory_reserved(self.device) if self.cuda else None
+
+    def free_and_total(self) -> tuple[int, int] | None:
+        return torch.cuda.mem_get_info(self.device) if self.cuda else None
+
+
+def release() -> None:
+    """Drop garbage and hand cached blocks back, so the next cell starts from a clean allocator."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one measurement; an out-of-memory error becomes `{"oom": True}` instead of a crash.
+
+    The exception (and with it every tensor its traceback holds) is dropped before the
+    allocator is emptied, so the next measurement sees the memory again.
+    """
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - anything else is re-raised below
+        if not is_oom(exc):
+            raise
+        error = str(exc).splitlines()[0][:300]
+    release()
+    if result is not None:
+        return result
+    return {"oom": True, "error": error}
+
+
+# ---------------------------------------------------------------------------------------------
+# Device description and ceilings
+# ---------------------------------------------------------------------------------------------
+def describe(device: torch.device) -> dict[str, Any]:
+    import platform
+
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            name=props.name,
+            memory_gb=round(props.total_memory / GB, 1),
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+        )
+        try:
+            import flash_attn
+
+            info["flash_attn"] = flash_attn.__version__
+        except Exception:
+            info["flash_attn"] = None
+    else:
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+@torch.inference_mode()
+def measure_ceilings(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 10) -> dict[str, float]:
+    """The device's achievable matmul TFLOP/s (size^3 in `dtype`) and copy bandwidth (TB/s,
+    read + write), the ceilings the benchmark's achieved rates are compared with."""
+    cuda = device.type == "cuda"
+    size = size or (8192 if cuda else 512)
+    clock = Clock(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    clock.sync()
+    start = clock.mark()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    end = clock.mark()
+    clock.sync()
+    matmul_s = clock.seconds(start, end) / repeats
+    del a, b
+    numel = (1 << 30 if cuda else 1 << 24) // 2  # 1 GiB (GPU) / 16 MiB (CPU) of 2-byte values
+    src = torch.empty(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    clock.sync()
+    start = clock.mark()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end = clock.mark()
+    clock.sync()
+    copy_s = clock.seconds(start, end) / repeats
+    del src, dst
+    release()
+    return {
+        "matmul_tflops": round(2 * size**3 / matmul_s / 1e12, 2),
+        "matmul_size": size,
+        "copy_tb_per_s": round(2 * numel * 2 / copy_s / 1e12, 3),
+    }
