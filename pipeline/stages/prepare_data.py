@@ -215,20 +215,10 @@ class _SplitAssembler:
         return self.writer.close(), surplus
 
 
-def _batches(docs, skips_counter: _Counter, per_source: list[_Counter], domains: set[str], max_chars: int = 1_000_000, max_docs: int = 256):
-    """Group documents into tokenizer batches; empty and unselected documents never leave here."""
+def _batches(docs, max_chars: int = 1_000_000, max_docs: int = 256):
+    """Group documents into tokenizer batches of about `max_chars` characters."""
     batch, chars = [], 0
     for doc in docs:
-        src = per_source[doc.source]
-        src.add("read")
-        if not doc.text or doc.text.isspace():
-            skips_counter.add("empty")
-            src.add("drop:empty")
-            continue
-        if domains and doc.domain not in domains:
-            skips_counter.add("domain_not_selected")
-            src.add("drop:domain_not_selected")
-            continue
         batch.append(doc)
         chars += len(doc.text)
         if chars >= max_chars or len(batch) >= max_docs:
@@ -236,6 +226,10 @@ def _batches(docs, skips_counter: _Counter, per_source: list[_Counter], domains:
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _wanted(doc, domains: set[str]) -> bool:
+    return bool(doc.text) and not doc.text.isspace() and (not domains or doc.domain in domains)
 
 
 def _source_domains(spec) -> set[str]:
@@ -307,15 +301,22 @@ def run(config: PrepareConfig) -> dict[str, Any]:
         bar = tqdm(desc="prepare-data", unit="doc", disable=None)
         try:
             with OrderedPool(DocumentTokenizer(tok), num_proc) as pool:
-                batches = _batches(docs, drops, per_source, domains)
-                for batch, (hashes, lengths, flat) in pool.imap(batches, key=lambda b: [d.text for d in b]):
+                # Unwanted documents (empty, other domain) travel as "" so that every count is
+                # taken here, in input order, and stops exactly where a budget does.
+                texts = lambda b: [d.text if _wanted(d, domains) else "" for d in b]  # noqa: E731
+                for batch, (hashes, lengths, flat) in pool.imap(_batches(docs), key=texts):
                     offset = 0
                     for doc, h, n in zip(batch, hashes, lengths.tolist()):
                         tokens = flat[offset: offset + n]
                         offset += n
                         src = per_source[doc.source]
+                        src.add("read")
                         reason = None
-                        if config.dedup and h in seen:
+                        if not doc.text or doc.text.isspace():
+                            reason = "empty"
+                        elif domains and doc.domain not in domains:
+                            reason = "domain_not_selected"
+                        elif config.dedup and h in seen:
                             reason = "duplicate"
                         elif n < config.min_doc_tokens:
                             reason = "too_short"
