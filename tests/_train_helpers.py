@@ -26,51 +26,45 @@ def random_tokens(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 def write_shards(root: Path, layout: str, *, n_train: int, n_val: int, decoder_len: int, n_chunks: int = 0,
                  chunk_len: int = 0, seed: int = 0) -> Path:
-    """A shard directory in the documented schema (docs/architecture.md "Shards"), written with
-    pyarrow: manifest.json + <split>/shard-00000.arrow.
+    """A shard directory in the project's format (pipeline.data.shards: ShardWriter + manifest).
 
-    Layouts: `mlm` (input_ids only), `duplicate` (the encoder chunks are the decoder window's own
-    first n_chunks*chunk_len tokens), `prevdoc` (the encoder chunks are the tokens just before the
-    window in one random stream whose second half repeats its first, so context predicts it).
+    Layouts: `mlm` (input_ids only: BOS + one token repeated), `duplicate` (the encoder chunks are
+    the decoder window's own first n_chunks*chunk_len tokens), `prevdoc` (context and window drawn
+    from the same 4 tokens, so the context predicts the window's vocabulary).
     """
-    import pyarrow as pa
+    from pipeline.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, fingerprint
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
+    enc_width = 0 if layout == "mlm" else n_chunks * chunk_len
+    splits, shards = {}, {}
     for split, n in (("train", n_train), ("validation", n_val)):
-        rows: dict[str, list] = {"input_ids": [], "encoder_input_ids": [], "domain": [], "layout": [], "doc_id": []}
+        writer = ShardWriter(root, split, decoder_len, enc_width or None, rows_per_shard=max(n // 2, 1), batch_rows=16)
         for i in range(n):
-            if layout == "mlm":
-                ids = random_tokens(rng, (decoder_len,))
+            if layout == "mlm":  # one token repeated: a masked token is any unmasked neighbour
+                ids = np.full(decoder_len, rng.integers(3, VOCAB), dtype=np.int32)
                 ids[0] = 1
                 enc = None
-            elif layout == "duplicate":
-                ids = random_tokens(rng, (decoder_len,))
-                enc = ids[: n_chunks * chunk_len].copy()
-            else:  # prevdoc: context = the tokens right before; the window repeats them
-                ctx = random_tokens(rng, (n_chunks * chunk_len,))
-                ids = np.resize(ctx, decoder_len).astype(np.int32)
-                enc = ctx
-            rows["input_ids"].append(ids.tolist())
-            if enc is not None:
-                rows["encoder_input_ids"].append(enc.tolist())
-            rows["domain"].append("test")
-            rows["layout"].append(layout)
-            rows["doc_id"].append(f"{split}-{i}")
-        fields = [pa.field("input_ids", pa.list_(pa.int32(), decoder_len))]
-        if layout != "mlm":
-            fields.append(pa.field("encoder_input_ids", pa.list_(pa.int32(), n_chunks * chunk_len)))
-        else:
-            rows.pop("encoder_input_ids")
-        fields += [pa.field(k, pa.string()) for k in ("domain", "layout", "doc_id")]
-        table = pa.table({f.name: rows[f.name] for f in fields}, schema=pa.schema(fields))
-        (root / split).mkdir(exist_ok=True)
-        with pa.OSFile(str(root / split / "shard-00000.arrow"), "wb") as sink:
-            with pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-    manifest = {"layout": layout, "decoder_len": decoder_len, "n_chunks": n_chunks, "chunk_len": chunk_len,
-                "splits": {"train": n_train, "validation": n_val},
-                "tokenizer": {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-                              "mask_token_id": VOCAB}}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            else:
+                # Each window (and its context) draws from its own 4 tokens: with the decoder
+                # frozen, only reading the context through cross-attention tells which 4, so
+                # the loss falls from ln(125) towards ln(4) only if the encoder path learns.
+                subset = rng.choice(np.arange(3, VOCAB), size=4, replace=False).astype(np.int32)
+                ids = rng.choice(subset, size=decoder_len).astype(np.int32)
+                if layout == "duplicate":
+                    enc = ids[: n_chunks * chunk_len].copy()
+                else:
+                    enc = rng.choice(subset, size=n_chunks * chunk_len).astype(np.int32)
+            writer.add(ids, enc, "test", layout, f"{split}-{i}")
+        shards[split] = writer.close()
+        splits[split] = {"rows": n, "shards": shards[split]}
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "layout": layout, "decoder_len": decoder_len,
+        "n_chunks": n_chunks, "chunk_len": chunk_len, "encoder_len": enc_width, "input_width": decoder_len,
+        "encoder_width": enc_width, "splits": splits, "fingerprint": fingerprint(shards),
+        "tokenizer": {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return root
+
+

@@ -200,3 +200,38 @@ class ConcatExamples(torch.utils.data.Dataset):
             raise IndexError(index)
         which = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return self.datasets[which][int(index - self.offsets[which])]
+
+
+# ---------------------------------------------------------------------------------------------
+# opening shard directories for a stage
+
+
+def open_shards(root: str, split: str, *, layouts: tuple[str, ...], key: str = "data") -> Any:
+    """The `split` of a shard directory, checked before any work: it exists, holds one of
+    `layouts` (a `mix` directory counts as its parts), and is not empty. Errors name the config
+    `key` the directory came from."""
+    from pathlib import Path
+
+    from pipeline.data.shards import ShardDataset
+    from pipeline.errors import CepeError
+
+    if not (Path(root) / "manifest.json").is_file():
+        raise CepeError(f"{key}: {root} is not a shard directory (no manifest.json); run `cepe prepare-data` first")
+    try:
+        dataset = ShardDataset(root, split)
+    except CepeError as exc:
+        raise CepeError(f"{key}: {exc}") from None
+    manifest = dataset.manifest
+    parts = set(manifest.get("layouts") or {}) or {manifest.get("layout")}
+    if not parts or not parts <= set(layouts):
+        found = manifest.get("layout")
+        raise CepeError(f"{key}: {root} holds {found!r} windows; this stage reads {' or '.join(map(repr, layouts))}")
+    if split == "train" and len(dataset) == 0:
+        raise CepeError(f"{key}: {root} has no {split} windows")
+    return dataset
+
+
+def manifest_value(dataset: Any, name: str, default: Any = None) -> Any:
+    """A manifest field of a shard dataset (None for datasets without a manifest)."""
+    manifest = getattr(dataset, "manifest", None) or {}
+    return manifest.get(name, default)

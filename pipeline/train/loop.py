@@ -684,6 +684,17 @@ class _Trainer:
         return metrics
 
 
+def save_config(config: Any) -> None:
+    """Write the resolved stage config to `<output>/config.yaml` (main process only)."""
+    from accelerate import PartialState
+
+    from pipeline.config import save_resolved
+
+    if PartialState().is_main_process:
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+        save_resolved(config, Path(config.output) / "config.yaml")
+
+
 def run_training(task: TrainTask, options: LoopOptions, resume: str | None = None) -> dict[str, Any]:
     """Train `task` as `options` say; returns (and writes) the final metrics. See module docstring.
 
