@@ -18,6 +18,10 @@ from pipeline.evaluate import adapters, models, report
 
 
 def setup_model(config: Any, record: report.RunRecord) -> tuple[Any, Any]:
+    if not config.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model = models.load_model(config.model, config.dtype, config.device, config.attn_implementation or None)
     tokenizer = models.load_tokenizer(config.tokenizer or config.model)
     record.set("model_info", models.describe(model))
