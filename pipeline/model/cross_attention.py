@@ -43,6 +43,11 @@ class CepeCrossAttention(nn.Module):
     # Above this many (query x context) scores the absorbed form goes through sdpa instead of
     # materialising the score matrix (a float32 matrix of this size is 256 MB).
     ABSORBED_DIRECT_MAX_SCORES = 64 * 1024 * 1024
+    # Without autograd the projected form builds K and V for a group of heads at a time, at most
+    # this many bytes: at 124K context K and V of all 32 heads are 2 GB in bf16, the largest
+    # allocation of a CEPE prefill (it decides the whole-process peak). Heads are independent,
+    # so the result is the same.
+    PROJECTED_KV_MAX_BYTES = 512 * 1024 * 1024
 
     def __init__(
         self,
@@ -127,9 +132,25 @@ class CepeCrossAttention(nn.Module):
     def _projected(self, q: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, T, d), phi (B, S, E) -> (B, H, T, d) with K, V = W_k phi, W_v phi materialised."""
         bsz, ctx_len, _ = phi.shape
-        k = self.k_proj(phi).view(bsz, ctx_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        v = self.v_proj(phi).view(bsz, ctx_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        return self._attend(q, k, v, key_mask, self.scaling)
+        heads, d = self.num_heads, self.head_dim
+        group = heads
+        if not torch.is_grad_enabled():
+            per_head = 2 * bsz * ctx_len * d * phi.element_size()  # K and V of one head
+            group = max(1, min(heads, self.PROJECTED_KV_MAX_BYTES // per_head))
+            while heads % group:
+                group -= 1
+        if group == heads:
+            k = self.k_proj(phi).view(bsz, ctx_len, heads, d).transpose(1, 2)  # (B, H, S, d)
+            v = self.v_proj(phi).view(bsz, ctx_len, heads, d).transpose(1, 2)  # (B, H, S, d)
+            return self._attend(q, k, v, key_mask, self.scaling)
+        outs = []
+        for h0 in range(0, heads, group):
+            rows = slice(h0 * d, (h0 + group) * d)  # the output rows of W_k, W_v that feed these heads
+            k = F.linear(phi, self.k_proj.weight[rows]).view(bsz, ctx_len, group, d).transpose(1, 2)  # (B, g, S, d)
+            v = F.linear(phi, self.v_proj.weight[rows]).view(bsz, ctx_len, group, d).transpose(1, 2)  # (B, g, S, d)
+            outs.append(self._attend(q[:, h0 : h0 + group], k, v, key_mask, self.scaling))
+            del k, v
+        return torch.cat(outs, dim=1)  # (B, H, T, d)
 
     def _absorbed(self, q: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Same result without projecting the context.
