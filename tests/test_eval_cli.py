@@ -16,6 +16,11 @@ from pipeline.evaluate import zeroscrolls as zs
 from pipeline.stages.evaluate import EvaluateConfig
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs without --output write under ./reports: keep them out of the repo
+
+
 def _run(*args):
     return CliRunner().invoke(cli, ["evaluate", "--progress", "false", *args])
 
