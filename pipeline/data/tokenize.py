@@ -41,12 +41,12 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str = "embedded") -> Any:
-    """A fast `transformers` tokenizer with EOS and pad set (cached per name within a process)."""
-    return _load_tokenizer(name_or_path)
+    """A fast `transformers` tokenizer with EOS and pad set (cached per path within a process)."""
+    return _load_tokenizer(resolve_tokenizer_path(name_or_path), name_or_path)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tokenizer(name_or_path: str) -> Any:
+def _load_tokenizer(path: str, name_or_path: str) -> Any:
     """A fast `transformers` tokenizer with an EOS and a pad token set.
 
     `embedded` / `smollm2` load the committed SmolLM2 tokenizer (BOS `<|im_start|>` = 1, EOS
@@ -60,7 +60,6 @@ def _load_tokenizer(name_or_path: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    path = resolve_tokenizer_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's path/name
