@@ -241,27 +241,48 @@ def test_cli_run_writes_a_well_formed_report(tmp_path, monkeypatch):
     assert markdown.count("| CEPE |") >= 2 and "| full attention |" in markdown
 
 
-def test_out_of_memory_is_reported_not_raised(tmp_path, monkeypatch):
+def test_out_of_memory_and_errors_are_reported_not_raised(tmp_path, monkeypatch):
     from pipeline.bench import sides
     from pipeline.stages.bench import run
 
-    real = sides.FullAttention.prefill
+    real_full, real_cepe = sides.FullAttention.prefill, sides.Cepe.prefill
 
-    def prefill(self, split, batch, clock, generator):
+    def full_prefill(self, split, batch, clock, generator):
         if split.total == 384:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB")
-        return real(self, split, batch, clock, generator)
+        return real_full(self, split, batch, clock, generator)
 
-    monkeypatch.setattr(sides.FullAttention, "prefill", prefill)
-    report = run(_config(tmp_path, max_batch=0, form_steps=0, gen_tokens=2))
+    def cepe_prefill(self, split, batch, clock, generator):
+        if split.total == 96:
+            raise RuntimeError("boom")
+        return real_cepe(self, split, batch, clock, generator)
+
+    monkeypatch.setattr(sides.FullAttention, "prefill", full_prefill)
+    monkeypatch.setattr(sides.Cepe, "prefill", cepe_prefill)
+    report = run(_config(tmp_path, lengths=[96, 192, 384], max_batch=0, form_steps=0, gen_tokens=2, profile_lengths=[192]))
+    assert report["complete"] is True
     full = report["lengths"]["384"]["full"]
     assert full["oom"] is True and "68.00 GiB" in full["error"]
     assert report["lengths"]["384"]["cepe"]["oom"] is False
     assert report["lengths"]["384"]["ratios"] == {"available": False, "why": "full attention OOM"}
     assert report["lengths"]["192"]["ratios"]["available"] is True
+    assert report["lengths"]["96"]["cepe"]["error"].startswith("RuntimeError: boom")
+    assert report["lengths"]["96"]["ratios"] == {"available": False, "why": "CEPE not measured"}
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert saved["lengths"]["384"]["full"]["oom"] is True
-    assert "| OOM |" in (tmp_path / "bench" / "bench.md").read_text()
+    markdown = (tmp_path / "bench" / "bench.md").read_text()
+    assert "| OOM |" in markdown and "RuntimeError: boom" in markdown
+    for side in ("cepe", "full"):  # the profile tables were written beside the report
+        assert report["lengths"]["192"][side]["profile"] == {"file": f"profile_{side}_192.txt"}
+        assert "one prefill" in (tmp_path / "bench" / f"profile_{side}_192.txt").read_text()
+
+
+def test_a_7b_model_is_refused_on_the_cpu(tmp_path):
+    from pipeline.bench.runner import Runner
+    from pipeline.errors import CepeError
+
+    with pytest.raises(CepeError, match="bench.decoder: llama-2-7b has 6.7B parameters"):
+        Runner(_config(tmp_path, decoder="llama-2-7b", encoder="cepe-435m", lengths=[4096], decoder_len=4096, chunk_len=256))
 
 
 def test_targets_and_ratios_from_measurements():

@@ -12,6 +12,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -127,24 +128,31 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
-def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def attempt(fn: Callable[[], dict[str, Any]], keep_going: bool = False) -> dict[str, Any]:
     """Run one measurement; an out-of-memory error becomes `{"oom": True}` instead of a crash.
 
-    The exception (and with it every tensor its traceback holds) is dropped before the
-    allocator is emptied, so the next measurement sees the memory again.
+    With `keep_going`, any other error becomes `{"error": ...}` too (one broken measurement
+    should not cost a 10-minute GPU run its other results); otherwise it propagates. The
+    exception (and every tensor its traceback holds) is dropped before the allocator is
+    emptied, so the next measurement sees the memory again.
     """
     result: dict[str, Any] | None = None
-    error: str | None = None
+    failure: dict[str, Any] = {}
     try:
         result = fn()
-    except Exception as exc:  # noqa: BLE001 - anything else is re-raised below
-        if not is_oom(exc):
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is an OOM or keep_going
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        if is_oom(exc):
+            failure = {"oom": True, "error": first_line}
+        elif keep_going:
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            failure = {"error": f"{type(exc).__name__}: {first_line} ({Path(where.filename).name}:{where.lineno})"}
+        else:
             raise
-        error = str(exc).splitlines()[0][:300]
     release()
-    if result is not None:
-        return result
-    return {"oom": True, "error": error}
+    return result if result is not None else failure
 
 
 # ---------------------------------------------------------------------------------------------

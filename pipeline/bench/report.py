@@ -63,6 +63,8 @@ def _headline(entry: dict[str, Any], side: str, loop: str | None, gen_tokens: in
         head.update(oom=True, error=single.get("error"))
     elif single.get("skipped"):
         head.update(skipped=single["skipped"])
+    elif not _usable(single):
+        head.update(error=single.get("error", "no result"))
     else:
         ms = _loop_ms(single, loop) if loop else None
         head.update(
@@ -203,7 +205,7 @@ def finalize(report: dict[str, Any]) -> None:
         loop = _choose_loop(entry)
         for side in SIDES:
             if side in entry:
-                raw = {k: v for k, v in entry[side].items() if k in ("batch_1", "batch_max")}
+                raw = {k: v for k, v in entry[side].items() if k in ("batch_1", "batch_max", "profile")}
                 entry[side] = {**_headline(entry, side, loop, gen_tokens), **raw}
         entry["ratios"] = _ratios(entry, loop)
     report["targets"] = _targets(report)
@@ -234,6 +236,8 @@ def _cell(result: dict[str, Any] | None, text: str) -> str:
         return "OOM"
     if result.get("skipped"):
         return "skipped"
+    if not _usable(result):
+        return "error"
     return text
 
 
@@ -331,8 +335,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             if not many:
                 continue
             name = "CEPE" if side == "cepe" else "full attention"
-            if many.get("oom") or many.get("skipped") or many.get("same_as_batch_1"):
-                note = "OOM" if many.get("oom") else many.get("skipped") or "1 (= batch 1)"
+            if many.get("oom") or many.get("skipped") or many.get("same_as_batch_1") or "decode" not in many:
+                note = ("OOM" if many.get("oom") else many.get("skipped") or ("1 (= batch 1)" if many.get("same_as_batch_1")
+                        else f"error: {many.get('error')}"))
                 lines.append(f"| {_k(entry['total'])} | {name} | {note} | | | | | |")
                 continue
             loops = many.get("decode", {})
@@ -402,6 +407,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
         if "full_over_cepe_bytes_per_token" in mm:
             lines.append(f"\nFull attention keeps {mm['full_over_cepe_bytes_per_token']}x more bytes per context token than CEPE.")
+    errors = [
+        f"{_k(e['total'])} {side} {key}: {e[side][key]['error']}"
+        for e in lengths for side in SIDES for key in ("batch_1", "batch_max")
+        if (e.get(side, {}).get(key) or {}).get("error") and not e[side][key].get("oom")
+    ]
+    graph_errors = sorted({
+        s["graph_error"] for e in lengths for side in SIDES for key in ("batch_1", "batch_max")
+        for s in ((e.get(side, {}).get(key) or {}).get("decode") or {}).values() if s.get("graph_error")
+    })
+    if errors or graph_errors:
+        lines += ["", "## Errors", ""] + [f"- {x}" for x in errors]
+        lines += [f"- CUDA graph capture failed, static loop measured eagerly: {x}" for x in graph_errors]
     lines += ["", "## How this was measured", ""] + [f"- {note}" for note in METHOD_NOTES]
     lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines) + "\n"

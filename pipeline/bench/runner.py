@@ -21,9 +21,12 @@ import torch
 
 from pipeline.bench import decode
 from pipeline.bench.device import GB, Clock, Memory, attempt, describe, is_oom, measure_ceilings, release, resolve_device, resolve_dtype
+from pipeline.bench.costs import Shape
 from pipeline.bench.split import Split
+from pipeline.errors import CepeError
 
 DECODE_WARMUP = 2  # eager steps before a CUDA graph is captured
+CPU_MAX_PARAMS = 2_000_000_000
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -57,6 +60,12 @@ class Runner:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.decoder_config = presets.decoder_config(config.decoder)
         self.encoder_config = presets.encoder_config(config.encoder, self.decoder_config.vocab_size)
+        params = Shape.of(self.decoder_config).params
+        if self.device.type == "cpu" and params > CPU_MAX_PARAMS:
+            raise CepeError(
+                f"bench.decoder: {config.decoder} has {params / 1e9:.1f}B parameters, far too many to measure on a CPU; "
+                "run on a GPU, or use the CPU presets (--decoder tiny --encoder tiny --lengths 192,384 --decoder-len 64 --chunk-len 16)"
+            )
         self.splits = [Split.of(total, config.decoder_len, config.chunk_len) for total in config.lengths]
         self.out_dir = Path(config.output_dir)
         self.report: dict[str, Any] = {}
@@ -147,10 +156,10 @@ class Runner:
             for split in self.splits:
                 self._store(split, name, key, {"skipped": "time budget"})
             return
-        side = attempt(lambda: {"side": self._build(name)})
-        if side.get("oom"):
+        side = attempt(lambda: {"side": self._build(name)}, keep_going=True)
+        if "side" not in side:
             for split in self.splits:
-                self._store(split, name, key, {"oom": True, "error": f"building the model: {side.get('error')}"})
+                self._store(split, name, key, {**side, "error": f"building the model: {side.get('error')}"})
             return
         side = side["side"]
         self.report.setdefault("models", {})[name] = {
@@ -165,11 +174,15 @@ class Runner:
                 self._store(split, name, key, {"skipped": "time budget"})
                 continue
             if batch_max:
-                result = self._batch_cell(side, split)
+                result = attempt(lambda: self._batch_cell(side, split), keep_going=True)
             else:
-                result = attempt(lambda: self._single_cell(side, split))
+                result = attempt(lambda: self._single_cell(side, split), keep_going=True)
             self._store(split, name, key, result)
             self.say(f"{name} {split.total}: {_brief(result)}")
+            if not batch_max and split.total in self.config.profile_lengths and not result.get("oom"):
+                profiled = attempt(lambda: self._profile(side, split), keep_going=True)
+                self.entry(split)[name]["profile"] = profiled
+                self.save()
         del side
         release()
 
@@ -299,6 +312,31 @@ class Runner:
         summary["graph_error"] = error
         return summary
 
+    # ------------------------------------------------------------------ profile
+    def _profile(self, side: Any, split: Split) -> dict[str, Any]:
+        """A torch.profiler table of one prefill and of a few eager static-cache decode steps
+        (eager, so every kernel shows), for finding where a side's time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sort_by = "device_time_total" if cuda else "cpu_time_total"
+        steps = 4
+        with profile(activities=activities) as prof:
+            prefill = side.prefill(split, 1, self.clock, self.generator(split.total))
+            self.clock.sync()
+        tables = [f"# {side.name}, total {split.total}: one prefill", _table(prof, sort_by)]
+        cache = decode.to_static(prefill.cache, side.cache_config, prefill.start + steps + 8)
+        prefill.cache = None
+        with profile(activities=activities) as prof:
+            decode.static_decode(side.model, cache, prefill.first, prefill.start, steps, self.clock, prefill.step_kwargs, graph=False)
+        tables += [f"# {side.name}, total {split.total}: {steps} eager static-cache decode steps", _table(prof, sort_by)]
+        path = self.out_dir / f"profile_{side.name}_{split.total}.txt"
+        from pipeline.io import atomic_write_text
+
+        atomic_write_text(path, "\n\n".join(tables) + "\n")
+        return {"file": path.name}
+
     # ------------------------------------------------------------------ largest batch
     def _plan_batch(self, side: Any, split: Split) -> tuple[int, str]:
         """The largest batch whose decode state fits beside the weights.
@@ -318,7 +356,7 @@ class Runner:
             transient = max(0, int(single["prefill_peak_gb"] * GB - single["state_alloc_bytes"] - weights))
         release()
         free, _total = self.memory.free_and_total()
-        tokens_after = DECODE_WARMUP + cfg.gen_tokens + 8
+        tokens_after = cfg.gen_tokens + 8  # a real generation of G tokens, not just the timed steps
         per_sequence = side.decode_state_bytes(split, tokens_after) * (1 + 1 / side.shape.layers)
         budget = free - cfg.batch_reserve_gb * GB - transient
         batch = max(1, int(budget // per_sequence))
@@ -363,11 +401,11 @@ class Runner:
         kwargs = side.synthetic_step_kwargs(split, batch, gen)
         loops: dict[str, Any] = {}
         cache = decode.synthetic_dynamic(side.cache_config, batch, start, self.device, self.dtype)
-        loops["plain"] = decode.plain_decode(side.model, cache, first, cfg.plain_steps, clock, kwargs).summary()
+        loops["plain"] = decode.plain_decode(side.model, cache, first, cfg.batch_steps, clock, kwargs).summary()
         cache = None
         release()
-        cache = decode.synthetic_static(side.cache_config, batch, start, start + DECODE_WARMUP + cfg.gen_tokens + 8, self.device, self.dtype)
-        loops["static"] = self._static_loop(side, cache, first, start, cfg.gen_tokens, kwargs)
+        cache = decode.synthetic_static(side.cache_config, batch, start, start + DECODE_WARMUP + cfg.batch_steps + 8, self.device, self.dtype)
+        loops["static"] = self._static_loop(side, cache, first, start, cfg.batch_steps, kwargs)
         cache = kwargs = None
         floor_bytes = side.decode_floor_bytes(split, batch)
         return {
@@ -375,6 +413,13 @@ class Runner:
             "decode_floor_ms": _round(floor_bytes / (self.report["ceilings"]["copy_tb_per_s"] * 1e12) * 1000, 3),
             "peak_gb": _gb(memory.peak()),
         }
+
+
+def _table(prof: Any, sort_by: str) -> str:
+    try:
+        return prof.key_averages().table(sort_by=sort_by, row_limit=30)
+    except (KeyError, AttributeError, ValueError):
+        return prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
 
 
 def _median(values: list[float]) -> float:
@@ -388,6 +433,8 @@ def _brief(result: dict[str, Any]) -> str:
         return "OOM"
     if result.get("skipped"):
         return f"skipped ({result['skipped']})"
+    if result.get("error") and "decode" not in result:
+        return f"error: {result['error']}"
     parts = []
     if "forward_s" in result:
         parts.append(f"forward {result['forward_s']:.4g} s")

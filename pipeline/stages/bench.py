@@ -29,6 +29,7 @@ class BenchConfig:
     warmup: int = field(1, help="Untimed prefill runs before the timed ones")
     repeats: int = field(3, help="Timed prefill runs (median reported)")
     repeat_budget_s: float = field(30.0, help="Stop repeating a prefill once its timed runs would exceed this many seconds (at least one)")
+    batch_steps: int = field(32, help="Decode steps timed per loop at the largest batch (time per step does not depend on G)")
     max_batch: int = field(256, help="Upper bound of the largest-batch decode measurement; 0 = skip it")
     batch_reserve_gb: float = field(4.0, help="GPU memory left free when choosing the largest batch")
     device: str = field("auto", help="cuda, cuda:N, cpu or auto")
@@ -39,6 +40,7 @@ class BenchConfig:
     cuda_graph: bool = field(True, help="Replay the static-cache decode step as a CUDA graph (CUDA only)")
     sides: list[str] = field(default_factory=lambda: ["full", "cepe"], help="Which sides to measure: full, cepe")
     time_budget_s: float = field(480.0, help="Start no new measurement after this many seconds (0 = no limit); skipped ones are marked")
+    profile_lengths: list[int] = field(default_factory=list, help="Totals at which to also write a torch.profiler table (one prefill, a few eager decode steps) per side: profile_<side>_<total>.txt")
     seed: int = field(0, help="Seed of the random token ids")
     output_dir: str = field("reports/bench", help="Where bench.json and bench.md are written")
 
@@ -60,7 +62,7 @@ class BenchConfig:
                 )
         if len(set(self.lengths)) != len(self.lengths):
             raise ConfigError(f"lengths: duplicate totals in {self.lengths}")
-        for name in ("gen_tokens", "plain_steps", "repeats"):
+        for name in ("gen_tokens", "plain_steps", "repeats", "batch_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
         for name in ("warmup", "form_steps", "max_batch", "encoder_chunk_batch"):
@@ -69,6 +71,9 @@ class BenchConfig:
         unknown = [s for s in self.sides if s not in SIDES]
         if unknown or not self.sides:
             raise ConfigError(f"sides: expected a non-empty list of {', '.join(SIDES)}, got {self.sides}")
+        missing = [t for t in self.profile_lengths if t not in self.lengths]
+        if missing:
+            raise ConfigError(f"profile_lengths: {missing} not among lengths {sorted(self.lengths)}")
         self.lengths = sorted(self.lengths)
 
 
