@@ -6,7 +6,7 @@ what to compute:
 - `--resume auto|PATH`: continue from the newest matching checkpoint under
   `<output>/checkpoints` (auto) or from the given one;
 - `--num-processes N`: re-launch this same command through `accelerate launch` with N
-  processes (one per GPU; `--cpu` gloo processes on a machine without CUDA). Already inside
+  processes (one per GPU; gloo CPU processes on a machine without CUDA). Already inside
   `accelerate launch`/`torchrun`, it is ignored.
 """
 
@@ -46,11 +46,16 @@ def strip_num_processes(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_command(num_processes: int, argv: list[str], cuda: bool) -> list[str]:
-    """The `accelerate launch` command line that runs `cepe <argv>` in `num_processes` processes."""
+def launch_command(num_processes: int, argv: list[str]) -> list[str]:
+    """The `accelerate launch` command line that runs `cepe <argv>` in `num_processes` processes.
+
+    `--multi_gpu` selects accelerate's torchrun launcher; on a machine without CUDA the loop's
+    `Accelerator(cpu=True)` then joins the processes in one gloo group (accelerate's own `--cpu`
+    flag would start a single process).
+    """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--multi_gpu"] if cuda else ["--cpu"]
+           "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0"]
     return cmd + ["-m", "cepe_cli.main", *strip_num_processes(argv)]
 
 
@@ -60,9 +65,7 @@ def _run_stage(run: Callable[..., dict[str, Any]], config: Any, resume: str | No
     if num_processes is not None and num_processes < 1:
         raise click.BadParameter("expected an integer >= 1", param_hint="--num-processes")
     if num_processes and num_processes > 1 and not _inside_launcher():
-        import torch
-
-        cmd = launch_command(num_processes, sys.argv[1:], torch.cuda.is_available())
+        cmd = launch_command(num_processes, sys.argv[1:])
         click.echo("launching: " + " ".join(cmd[2:]), err=True)
         sys.exit(subprocess.call(cmd))
     try:

@@ -304,7 +304,9 @@ def _make_accelerator(options: LoopOptions):
     # Several runs in one process (tests, the GPU experiment script) may ask for different
     # precisions; the process-wide distributed state (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision,
+    # cpu=True on a machine without CUDA: under `accelerate launch`/torchrun the processes then
+    # join one gloo group (MULTI_CPU) instead of each training alone.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
