@@ -123,3 +123,31 @@ def test_ppl_errors(tmp_path):
         ppl.variants_for(True, ["full"])
     docs = ppl.tokenize_documents([("a", "x" * 100)], byte_tokenizer(), 101)
     assert docs == []  # 100 byte tokens < 101: filtered
+
+
+def test_ppl_reads_prepare_data_shards(tmp_path):
+    from pipeline.data.shards import ShardDataset
+    from pipeline.stages.prepare_data import PrepareConfig
+    from pipeline.stages.prepare_data import run as prepare
+
+    model_dir = save_tiny_cepe(tmp_path / "m", max_positions=1024)
+    docs = [" ".join(f"token{(i * k) % 101}" for i in range(150)) for k in range(1, 7)]
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"id": f"d{k}", "text": t}) + "\n" for k, t in enumerate(docs)))
+    prepare(PrepareConfig(source=[str(tmp_path / "src.jsonl")], tokenizer=str(model_dir), layout="concat",
+                          output=str(tmp_path / "shards"), decoder_len=300, n_chunks=2, chunk_len=64,
+                          splits={"train": 0.5, "test": 0.5}, num_proc=1))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["evaluate", "--task", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "shards"),
+                                      "--max-windows", "2", "--output", str(out), "--progress", "false"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["ppl"]
+    assert list(metrics) == ["428"] and metrics["428"]["cepe"]["encoder_tokens"] == 128
+    ds = ShardDataset(tmp_path / "shards", "test")
+    rows = [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["variant"] == "decoder-only")
+    index = int(first["doc_id"].rsplit("#", 1)[1])
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(model_dir).decoder
+    hand = _hand_nll(decoder, torch.tensor(ds[index]["input_ids"], dtype=torch.long))
+    assert first["nll"] == pytest.approx(hand, abs=1e-4)

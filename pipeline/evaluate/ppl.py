@@ -143,6 +143,45 @@ def make_windows(docs: list[tuple[str, list[int]]], total: int, stride: int, max
     return windows
 
 
+# --- prepared shards ------------------------------------------------------------------------
+
+
+def is_shard_dir(source: str) -> bool:
+    return bool(source) and (Path(source) / "manifest.json").is_file()
+
+
+def shard_windows(root: str, split: str, max_windows: int | None, seed: int) -> tuple[list[tuple[str, list[int]]], list[LengthSpec], str, int]:
+    """Windows from a `cepe prepare-data` shard directory (docs/architecture.md "Shards").
+
+    Each row is one window: its `encoder_input_ids` (n_chunks, chunk_len) followed by its
+    `input_ids` (decoder_len). For the `concat` layout that is one contiguous stretch of text;
+    for `prevdoc` the context comes from the previous document, and the full-context baseline
+    reads it the same way (the paper's `put_in_decoder`). Returns ([(doc_id, tokens)], [spec],
+    the manifest's fingerprint or sha256, the shards' chunk length).
+    """
+    import numpy as np
+
+    from pipeline.data.shards import ShardDataset
+
+    ds = ShardDataset(root, split)
+    if ds.encoder_shape is None:
+        raise CepeError(f"data: {root} holds mlm windows without encoder context; ppl needs prevdoc or concat shards")
+    n, chunk = ds.encoder_shape
+    indices = list(range(len(ds)))
+    if max_windows is not None and len(indices) > max_windows:
+        indices = sorted(random.Random(seed).sample(indices, max_windows))
+    docs = []
+    for i in indices:
+        row = ds[i]
+        tokens = np.concatenate([row["encoder_input_ids"].reshape(-1), row["input_ids"]]).astype(np.int64)
+        docs.append((f"{row['doc_id']}#{i}", tokens.tolist()))
+    if not docs:
+        raise CepeError(f"data: split {split!r} of {root} has no windows")
+    manifest = ds.manifest
+    digest = str(manifest.get("fingerprint") or hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest())
+    return docs, [LengthSpec(n * chunk + ds.input_width, ds.input_width)], digest, chunk
+
+
 # --- scoring ---------------------------------------------------------------------------------
 
 

@@ -87,23 +87,32 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
 
     items = ppl.PAPER_LENGTHS if config.preset == "paper" else config.lengths
     specs = ppl.parse_lengths(items, config.decoder_len, config.chunk_len, config.eval_window)
+    cap = config.limit or config.max_windows
+    shard_windows = ppl.is_shard_dir(config.data)
+    chunk_len = config.chunk_len
+    if shard_windows:  # windows prepared by `cepe prepare-data`: their own single length
+        docs, specs, digest, chunk_len = ppl.shard_windows(config.data, config.shard_split, cap, config.seed)
+        record.add_data("shards", digest, path=config.data, split=config.shard_split, n_windows=len(docs))
     model, tokenizer = setup_model(config, record)
     cepe = models.is_cepe(model)
     variants = ppl.variants_for(cepe, config.baselines)
     positions = models.max_positions(model)
-    docs_raw, digest, files = ppl.read_documents(config.data)
-    min_tokens = config.min_doc_tokens or max(s.total for s in specs)
-    docs = ppl.tokenize_documents(docs_raw, tokenizer, min_tokens)
-    record.add_data("documents", digest, files=files, n_documents=len(docs_raw), n_long_documents=len(docs),
-                    min_doc_tokens=min_tokens)
-    if not docs:
-        raise CepeError(f"data: no document has {min_tokens} tokens or more; lower the lengths or min_doc_tokens")
+    if not shard_windows:
+        docs_raw, digest, files = ppl.read_documents(config.data)
+        min_tokens = config.min_doc_tokens or max(s.total for s in specs)
+        docs = ppl.tokenize_documents(docs_raw, tokenizer, min_tokens)
+        record.add_data("documents", digest, files=files, n_documents=len(docs_raw), n_long_documents=len(docs),
+                        min_doc_tokens=min_tokens)
+        if not docs:
+            raise CepeError(f"data: no document has {min_tokens} tokens or more; lower the lengths or min_doc_tokens")
     _seed(config.seed)
     results: dict[str, dict[str, Any]] = {}
     rows = []
-    cap = config.limit or config.max_windows
     for spec in specs:
-        windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed)
+        if shard_windows:
+            windows = [(i, 0) for i in range(len(docs))]
+        else:
+            windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed)
         if not windows:
             raise CepeError(f"lengths: no window of {spec.total} tokens fits the documents")
         per_len: dict[str, Any] = {}
@@ -115,7 +124,7 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
                 continue
             if variant == "cepe" and spec.encoder == 0:
                 continue
-            nlls = ppl.score_windows(model, docs, windows, spec, variant, config.eval_window, config.chunk_len,
+            nlls = ppl.score_windows(model, docs, windows, spec, variant, config.eval_window, chunk_len,
                                      config.batch_size, config.progress)
             mean = sum(nlls) / len(nlls)
             per_len[variant] = {**base, "ppl": round(ppl.perplexity(nlls), 4), "nll": round(mean, 6), "n_windows": len(nlls)}

@@ -27,7 +27,7 @@ class EvaluateConfig:
     task: str = field("ppl", help="ppl | longbench | longbench-e | zeroscrolls | ruler")
     model: str = field("", help="model directory (CEPE model or plain decoder) loadable by from_pretrained")
     tokenizer: str = field("", help="tokenizer name/path (default: the model's directory)")
-    data: str = field("", help="ppl: jsonl(.gz) documents, a folder of them, or 'embedded'; longbench: folder with data/*.jsonl or 'hub'; zeroscrolls: folder or 'hub'")
+    data: str = field("", help="ppl: jsonl(.gz) documents, a folder of them, 'embedded', or a prepare-data shard directory; longbench: folder with data/*.jsonl or 'hub'; zeroscrolls: folder or 'hub'")
     predictions: str = field("", help="longbench/longbench-e: score this folder of <task>.jsonl predictions, no model")
     output: str = field("", help="output folder (default reports/evaluate/<task>)")
     subtasks: list[str] = field(default_factory=list, help="benchmark tasks to run (default: all), e.g. qasper,trec")
@@ -59,6 +59,7 @@ class EvaluateConfig:
     max_windows: int | None = field(50, help="ppl: at most N windows per length (seeded random choice); null = all")
     max_windows_per_doc: int | None = field(None, help="ppl: at most N windows per document (paper 128K: 1)")
     min_doc_tokens: int | None = field(None, help="ppl: keep documents with at least N tokens (default: the longest total)")
+    shard_split: str = field("test", help="ppl: split read when data is a prepare-data shard directory")
     baselines: list[str] = field(default_factory=lambda: ["decoder-only", "full-context"], help="ppl: decoder-only, full-context")
     # ruler
     ruler_lengths: list[int] = field(default_factory=lambda: [1024, 2048], help="ruler: target lengths in tokens (prompt + generation)")
