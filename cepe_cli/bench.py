@@ -29,7 +29,7 @@ def _split_commas(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
 
 @click.command("bench")
-@_split_commas("lengths", "sides")
+@_split_commas("lengths", "sides", "profile_lengths")
 @config_options(BenchConfig, "bench")
 def command_bench(config: BenchConfig) -> None:
     """Measure CEPE and full attention side by side: forward time, peak memory, context state,

@@ -17,7 +17,7 @@ GB = 1e9
 # so the memory model can be checked against the growth between them.
 TINY_RUN = dict(
     decoder="tiny", encoder="tiny", lengths=[192, 384], decoder_len=64, chunk_len=16, gen_tokens=3,
-    plain_steps=2, form_steps=1, warmup=0, repeats=1, max_batch=2, dtype="float32", device="cpu",
+    plain_steps=2, form_steps=1, warmup=0, repeats=1, max_batch=2, batch_steps=2, dtype="float32", device="cpu",
 )
 
 
@@ -206,7 +206,7 @@ def test_cli_run_writes_a_well_formed_report(tmp_path, monkeypatch):
     out = tmp_path / "results"
     args = ["bench", "--decoder", "tiny", "--encoder", "tiny", "--lengths", "192,384", "--decoder-len", "64",
             "--chunk-len", "16", "--gen-tokens", "3", "--plain-steps", "2", "--form-steps", "1", "--warmup", "0",
-            "--repeats", "1", "--max-batch", "2", "--dtype", "float32", "--device", "cpu", "--output-dir", str(out)]
+            "--repeats", "1", "--max-batch", "2", "--batch-steps", "2", "--dtype", "float32", "--device", "cpu", "--output-dir", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())

@@ -221,7 +221,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, size: int | None 
     del src, dst
     release()
     return {
-        "matmul_tflops": round(2 * size**3 / matmul_s / 1e12, 2),
+        "matmul_tflops": float(f"{2 * size**3 / matmul_s / 1e12:.4g}"),
         "matmul_size": size,
-        "copy_tb_per_s": round(2 * numel * 2 / copy_s / 1e12, 3),
+        "copy_tb_per_s": float(f"{2 * numel * 2 / copy_s / 1e12:.4g}"),
     }

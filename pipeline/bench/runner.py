@@ -253,7 +253,9 @@ class Runner:
         peak_tflops = self.report["ceilings"]["matmul_tflops"]
         result["flops"] = {part: value for part, value in flops.items()}
         result["tflops"] = {part: _round(flops[part] / result[f"{part}_s"] / 1e12, 4) for part in flops if result.get(f"{part}_s")}
-        result["fraction_of_matmul_peak"] = {part: _round(v / peak_tflops, 3) for part, v in result["tflops"].items() if v}
+        result["fraction_of_matmul_peak"] = {
+            part: _round(v / peak_tflops, 3) for part, v in result["tflops"].items() if v and peak_tflops
+        }
         result["weights_gb"] = _gb(side.weight_bytes)
         result["context_state_bytes"] = side.context_state_bytes(prefill, split)
         result["state_bytes"] = side.state_bytes(prefill)
