@@ -115,7 +115,7 @@ class LongBenchData:
         else:
             root = Path(source)
             if not root.is_dir():
-                raise CepeError(f"data: {root} is not a directory (expected the official layout with data/*.jsonl)")
+                raise CepeError(f"data: {source!r} is not a directory; pass --data DIR (LongBench's data/*.jsonl layout) or --data hub")
             self.root = root / "data" if (root / "data").is_dir() else root
 
     def file_name(self, task: str) -> str:

@@ -72,7 +72,7 @@ def load_task(source: str, task: str, split: str = "validation") -> tuple[list[d
         candidates = [root / task / f"{split}.jsonl", root / f"{task}.jsonl"]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise CepeError(f"data: {root} has no {task}/{split}.jsonl or {task}.jsonl")
+            raise CepeError(f"data: {root} has no {task}/{split}.jsonl or {task}.jsonl (pass --data DIR with the unpacked ZeroSCROLLS zips, or --data hub)")
         rows = read_jsonl(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     grouped: dict[str, dict[str, Any]] = {}
