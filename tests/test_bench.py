@@ -155,12 +155,21 @@ def tiny_sides():
     }
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["full", "cepe"])
-def test_static_loop_generates_the_plain_loops_tokens(tiny_sides, name):
+def test_static_loop_generates_the_plain_loops_tokens(tiny_sides, name, impl):
+    side = tiny_sides[name]
+    side.set_attn_implementation(impl)  # the 4-D mask is boolean for sdpa, additive for eager
+    try:
+        _static_equals_plain(side, name)
+    finally:
+        side.set_attn_implementation("sdpa")
+
+
+def _static_equals_plain(side, name):
     from pipeline.bench import decode
     from pipeline.bench.device import Clock
 
-    side = tiny_sides[name]
     split = Split.of(384, 64, 16)
     clock = Clock(torch.device("cpu"))
     first = side.prefill(split, 2, clock, torch.Generator().manual_seed(1))

@@ -40,6 +40,12 @@ def output_cache(output: Any) -> Any:
     raise ValueError("the model returned no cache (use_cache=True was passed)")
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The decoder self-attention backend (a CEPE model's is its wrapped decoder's)."""
+    decoder = getattr(model, "decoder", model)
+    return getattr(decoder.config, "_attn_implementation", None) or "sdpa"
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B, T, V) -> (B, 1): the argmax of the last position, on the device."""
     return logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -155,12 +161,14 @@ class StaticStep:
     """One greedy decode step with fixed shapes: everything it reads or writes is a buffer.
 
     State: `token` (B, 1) the last token; `position` (1,) the position it is written at;
-    `mask` (B, 1, 1, max_len) bool, True where a key may be attended. The model receives the
-    4-D mask as it is (transformers passes prepared 4-D masks through), so no mask is built from
-    data inside the step and nothing in it synchronises with the host.
+    `mask` (B, 1, 1, max_len): for sdpa bool, True where a key may be attended; for eager
+    attention additive (0 or the dtype's minimum). The model receives the 4-D mask as it is
+    (transformers passes prepared 4-D masks through), so no mask is built from data inside the
+    step and nothing in it synchronises with the host.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: Any, first: torch.Tensor, start: int, step_kwargs: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, cache: Any, first: torch.Tensor, start: int, step_kwargs: dict[str, Any],
+                 dtype: torch.dtype = torch.bfloat16):
         self.model = model
         self.kwargs = dict(step_kwargs)
         self.kwargs[cache_kwarg(model)] = cache
@@ -168,12 +176,20 @@ class StaticStep:
         batch = first.shape[0]
         self.token = first.clone()
         self.position = torch.full((1,), start, dtype=torch.long, device=first.device)
-        self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=first.device)
-        self.mask[..., :start] = True
+        impl = attention_implementation(model)
+        if impl == "sdpa":
+            self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=first.device)
+            self.allowed: bool | float = True
+        elif impl == "eager":
+            self.mask = torch.full((batch, 1, 1, max_len), torch.finfo(dtype).min, dtype=dtype, device=first.device)
+            self.allowed = 0.0
+        else:
+            raise ValueError(f"the static-cache loop takes sdpa or eager attention, not {impl!r}")
+        self.mask[..., :start] = self.allowed
         self.batch = batch
 
     def __call__(self) -> None:
-        self.mask.index_fill_(3, self.position, True)
+        self.mask.index_fill_(3, self.position, self.allowed)
         out = self.model(
             input_ids=self.token,
             position_ids=self.position.view(1, 1).expand(self.batch, 1),
@@ -204,7 +220,8 @@ def static_decode(
     replayed `steps` times; otherwise `steps` eager steps run. The cache must have room for
     `start + warmup + steps` positions. Tokens of the warm-up steps are part of the result.
     """
-    step = StaticStep(model, cache, first, start, step_kwargs or {})
+    dtype = next(model.parameters()).dtype
+    step = StaticStep(model, cache, first, start, step_kwargs or {}, dtype)
     use_graph = graph and first.is_cuda
     generated: list[torch.Tensor] = []
     graph_obj = None

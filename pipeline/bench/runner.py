@@ -298,19 +298,32 @@ class Runner:
 
     def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The static-cache loop, as a CUDA graph where possible; a capture failure (other than
-        out of memory) is recorded and the loop is measured eagerly instead."""
+        out of memory) is recorded and the loop is measured eagerly instead. flash-attn takes no
+        4-D mask, so with it the loop decodes through sdpa (and says so)."""
+        impl = decode.attention_implementation(side.model)
+        switched = impl not in ("sdpa", "eager")
+        if switched:
+            side.set_attn_implementation("sdpa")
+        try:
+            summary = self._static_loop_or_eager(side, cache, first, start, steps, kwargs)
+        finally:
+            if switched:
+                side.set_attn_implementation(impl)
+        if switched:
+            summary["attn_implementation"] = "sdpa"
+        return summary
+
+    def _static_loop_or_eager(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         graph = self.config.cuda_graph and self.device.type == "cuda"
         try:
-            result = decode.static_decode(side.model, cache, first, start, steps, self.clock, kwargs, graph=graph, warmup=DECODE_WARMUP)
-            return result.summary()
+            return decode.static_decode(side.model, cache, first, start, steps, self.clock, kwargs, graph=graph, warmup=DECODE_WARMUP).summary()
         except Exception as exc:  # noqa: BLE001
             if is_oom(exc) or not graph:
                 raise
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         release()
         position = int(cache.layers[0].cumulative_length)
-        result = decode.static_decode(side.model, cache, first, position, steps, self.clock, kwargs, graph=False)
-        summary = result.summary()
+        summary = decode.static_decode(side.model, cache, first, position, steps, self.clock, kwargs, graph=False).summary()
         summary["graph_error"] = error
         return summary
 

@@ -136,6 +136,10 @@ class Cepe:
     def attn_implementation(self) -> str:
         return self.model.decoder.config._attn_implementation
 
+    def set_attn_implementation(self, impl: str) -> None:
+        """The decoder's self-attention backend (cross-attention keeps the one it was built with)."""
+        self.model.decoder.set_attn_implementation(impl)
+
     def form(self, queries: int, context: int) -> str:
         """The cross-attention form the model picks for this many queries over this context."""
         return self._cross.choose_form(queries, context)
