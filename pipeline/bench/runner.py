@@ -26,6 +26,7 @@ from pipeline.bench.split import Split
 from pipeline.errors import CepeError
 
 DECODE_WARMUP = 2  # eager steps before a CUDA graph is captured
+PROBE_STEPS = 8  # timed steps per attention backend when choosing the static loop's
 CPU_MAX_PARAMS = 2_000_000_000
 
 
@@ -274,19 +275,20 @@ class Runner:
         loops["plain"] = plain.summary()
         # ... then the same cache moves into a static one and the static loop continues it.
         start = prefill.start + cfg.plain_steps
-        room = DECODE_WARMUP + cfg.gen_tokens
+        room = self._static_room(cfg.gen_tokens)
         if side.name == "cepe" and cfg.form_steps:
             room += 2 * (DECODE_WARMUP + cfg.form_steps)
         static = decode.to_static(prefill.cache, side.cache_config, start + room + 8)
         prefill.cache = None
         first = plain.tokens[:, -1:]
-        loops["static"] = self._static_loop(side, static, first, start, cfg.gen_tokens, prefill.step_kwargs)
+        loops["static"] = self._static_best(side, static, first, cfg.gen_tokens, prefill.step_kwargs)
         if side.name == "cepe" and cfg.form_steps:
             forms = {}
+            impl = loops["static"]["attn_implementation"]
             for form in ("projected", "absorbed"):
                 position = int(static.layers[0].cumulative_length)
                 kwargs = dict(prefill.step_kwargs, cross_attn_form=form)
-                forms[form] = self._static_loop(side, static, first, position, cfg.form_steps, kwargs)
+                forms[form] = self._static_loop(side, static, first, position, cfg.form_steps, kwargs, impl)
             result["decode_by_form"] = forms
         result["decode"] = loops
         floor_bytes = side.decode_floor_bytes(split, 1)
@@ -296,21 +298,48 @@ class Runner:
         prefill = static = None
         return result
 
-    def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The static-cache loop, as a CUDA graph where possible; a capture failure (other than
-        out of memory) is recorded and the loop is measured eagerly instead. flash-attn takes no
-        4-D mask, so with it the loop decodes through sdpa (and says so)."""
-        impl = decode.attention_implementation(side.model)
-        switched = impl not in ("sdpa", "eager")
-        if switched:
-            side.set_attn_implementation("sdpa")
+    def _static_room(self, steps: int) -> int:
+        """Cache positions `_static_best` uses: probes of each attention backend, then `steps`."""
+        probes = 2 * (DECODE_WARMUP + PROBE_STEPS) if self.config.decode_attention == "auto" else 0
+        return probes + DECODE_WARMUP + steps
+
+    def _static_best(self, side: Any, cache: Any, first: torch.Tensor, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The static-cache loop with the faster self-attention for it.
+
+        With a static cache every step needs a mask over the preallocated positions. sdpa then
+        cannot use its flash kernel (no masks; the one that splits a long KV cache across the
+        GPU) and falls back to a kernel that may spread one query over few SMs, while eager
+        attention is two batched matrix-vector products: which one reads a 128K cache faster
+        depends on the device, so with `decode_attention: auto` both are probed (a few graph
+        steps each) and the faster one is measured. Both sides get the same choice.
+        """
+        probes: dict[str, Any] = {}
+        impl = self.config.decode_attention
+        if impl == "auto":
+            for candidate in ("sdpa", "eager"):
+                position = int(cache.layers[0].cumulative_length)
+                probes[candidate] = self._static_loop(side, cache, first, position, PROBE_STEPS, kwargs, candidate)["ms_per_token"]
+            impl = min(probes, key=probes.get)
+        position = int(cache.layers[0].cumulative_length)
+        summary = self._static_loop(side, cache, first, position, steps, kwargs, impl)
+        if probes:
+            summary["probe_ms_per_token"] = probes
+        return summary
+
+    def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],
+                     impl: str = "sdpa") -> dict[str, Any]:
+        """The static-cache loop with the decoder's self-attention set to `impl` (sdpa or eager;
+        flash-attn takes no 4-D mask), as a CUDA graph where possible: a capture failure other
+        than out of memory is recorded and the loop is measured eagerly instead."""
+        previous = side.attn_implementation
+        if previous != impl:
+            side.set_attn_implementation(impl)
         try:
             summary = self._static_loop_or_eager(side, cache, first, start, steps, kwargs)
         finally:
-            if switched:
-                side.set_attn_implementation(impl)
-        if switched:
-            summary["attn_implementation"] = "sdpa"
+            if previous != impl:
+                side.set_attn_implementation(previous)
+        summary["attn_implementation"] = impl
         return summary
 
     def _static_loop_or_eager(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +400,7 @@ class Runner:
             transient = max(0, int(single["prefill_peak_gb"] * GB - single["state_alloc_bytes"] - weights))
         release()
         free, _total = self.memory.free_and_total()
-        tokens_after = cfg.gen_tokens + 8  # a real generation of G tokens, not just the timed steps
+        tokens_after = self._static_room(cfg.gen_tokens) + 8  # a generation of G tokens (+ probes), not just the timed steps
         per_sequence = side.decode_state_bytes(split, tokens_after) * (1 + 1 / side.shape.layers)
         budget = free - cfg.batch_reserve_gb * GB - transient
         batch = max(1, int(budget // per_sequence))
@@ -419,8 +448,8 @@ class Runner:
         loops["plain"] = decode.plain_decode(side.model, cache, first, cfg.batch_steps, clock, kwargs).summary()
         cache = None
         release()
-        cache = decode.synthetic_static(side.cache_config, batch, start, start + DECODE_WARMUP + cfg.batch_steps + 8, self.device, self.dtype)
-        loops["static"] = self._static_loop(side, cache, first, start, cfg.batch_steps, kwargs)
+        cache = decode.synthetic_static(side.cache_config, batch, start, start + self._static_room(cfg.batch_steps) + 8, self.device, self.dtype)
+        loops["static"] = self._static_best(side, cache, first, cfg.batch_steps, kwargs)
         cache = kwargs = None
         floor_bytes = side.decode_floor_bytes(split, batch)
         return {

@@ -35,6 +35,7 @@ class BenchConfig:
     device: str = field("auto", help="cuda, cuda:N, cpu or auto")
     dtype: Literal["bfloat16", "float16", "float32"] = field("bfloat16", help="Weights and activations dtype")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = field("auto", help="Decoder self-attention for both sides; auto = the faster of sdpa and flash-attn (if installed) on a full-attention prefill")
+    decode_attention: Literal["auto", "sdpa", "eager"] = field("auto", help="Decoder self-attention in the static-cache loop (a masked step: sdpa's fallback kernel or eager matmuls); auto = probe both, keep the faster")
     cross_attn_form: Literal["auto", "projected", "absorbed"] = field("auto", help="CEPE cross-attention form (auto: chosen per call by query count and context length)")
     encoder_chunk_batch: int = field(64, help="Chunks per encoder forward (bounds activation memory); 0 = all at once")
     cuda_graph: bool = field(True, help="Replay the static-cache decode step as a CUDA graph (CUDA only)")
