@@ -293,7 +293,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 _cell(single, _f(head.get("peak_gb"))),
                 _cell(single, _f(head.get("context_state_gb"), 4)),
                 _cell(single, _f(loops.get("plain", {}).get("ms_per_token"))),
-                _cell(single, _f(static.get("ms_per_token")) + (f" ({static.get('loop')})" if static else "")),
+                _cell(single, _f(static.get("ms_per_token")) + (f" ({static.get('loop')}, {static.get('attn_implementation', 'sdpa')})" if static else "")),
                 _cell(single, _f((single or {}).get("decode_floor_ms"))),
                 _cell(single, _f(gen.get("generation_tokens_per_s"))),
             ]
@@ -372,9 +372,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         single = entry.get("cepe", {}).get("batch_1")
         if _usable(single) and single.get("decode_by_form"):
             forms = single["decode_by_form"]
+            times = {f: forms.get(f, {}).get("ms_per_token") for f in ("projected", "absorbed")}
+            picked = single.get("decode_cross_attn_form")
+            fastest = min((f for f in times if times[f] is not None), key=lambda f: times[f], default=None)
             form_rows.append(
-                f"| {_k(entry['total'])} | {entry['context_tokens']} | {single.get('decode_cross_attn_form')} "
-                f"| {_f(forms.get('projected', {}).get('ms_per_token'))} | {_f(forms.get('absorbed', {}).get('ms_per_token'))} "
+                f"| {_k(entry['total'])} | {entry['context_tokens']} | {picked} "
+                f"| {_f(times['projected'])} | {_f(times['absorbed'])} | {_f(picked == fastest) if fastest else '–'} "
                 f"| {forms.get('absorbed', {}).get('loop', '')} |"
             )
     if form_rows:
@@ -382,8 +385,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## CEPE decode by cross-attention form (ms/token)",
             "",
-            "| total | context tokens | auto picks | projected | absorbed | loop |",
-            "|---|---|---|---|---|---|",
+            "| total | context tokens | auto picks | projected | absorbed | auto picks the faster | loop |",
+            "|---|---|---|---|---|---|---|",
             *form_rows,
         ]
     mm = report.get("memory_model") or {}
@@ -433,7 +436,8 @@ METHOD_NOTES = [
     "Context state: CEPE's encoder states; for full attention, the KV cache of the same tokens (those outside CEPE's decoder window).",
     "Plain loop: one eager `transformers` forward per token with its `DynamicCache` (launch-bound at batch 1). "
     "Static loop: a `StaticCache`, a fixed 4-D mask and on-device positions, replayed as one CUDA graph per token on a GPU. "
-    "Both sides run the same loops; greedy tokens stay on the device.",
+    "A masked step cannot use sdpa's flash kernel, so the loop probes sdpa and eager self-attention (8 steps each) and "
+    "measures the faster. Both sides run the same loops; greedy tokens stay on the device.",
     "Largest batch: sequences are prefilled one at a time (batch-1 prefill time) and decoded together; the decode is timed on "
     "caches (and CEPE encoder states) of the right shapes allocated directly, halving the batch on OOM. "
     "Generation tokens/s = batch x G / (batch x prefill + G x time per step).",
