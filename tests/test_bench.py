@@ -326,6 +326,31 @@ def test_targets_and_ratios_from_measurements():
     assert entry["cepe"]["generation_batch_1"]["static+graph"]["generation_tokens_per_s"] == pytest.approx(256 / (0.9 + 256 * 0.008), rel=1e-3)
 
 
+def test_largest_batch_plan_and_halving_on_oom(tmp_path, monkeypatch):
+    from pipeline.bench.runner import Runner, plan_batch
+
+    # H200, 7B full attention at 4K: 127 GB free beside the weights, 2.36 GB per sequence
+    batch, why = plan_batch(int(127e9), int(4e9), int(0.5e9), 2.36e9, 256)
+    assert batch == 51 and "2.360 GB per sequence" in why
+    assert plan_batch(int(127e9), int(4e9), int(13e9), 70e9, 256)[0] == 1  # 128K: one sequence
+    batch, why = plan_batch(int(127e9), int(4e9), 0, 1e6, 256)
+    assert batch == 256 and why.endswith("capped at max_batch 256")
+
+    runner = Runner(_config(tmp_path, max_batch=8))
+    tried = []
+
+    def batch_decode(side, split, batch):
+        tried.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"decode": {}, "peak_gb": None}
+
+    monkeypatch.setattr(runner, "_batch_decode", batch_decode)
+    result = runner._batch_cell(type("Side", (), {"name": "full"})(), Split.of(192, 64, 16))
+    assert tried == [8, 4, 2]
+    assert result["batch"] == 2 and result["oom_at"] == [8, 4] and result["planned_batch"] == 8
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only
 # ---------------------------------------------------------------------------------------------

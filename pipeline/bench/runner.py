@@ -402,12 +402,7 @@ class Runner:
         free, _total = self.memory.free_and_total()
         tokens_after = self._static_room(cfg.gen_tokens) + 8  # a generation of G tokens (+ probes), not just the timed steps
         per_sequence = side.decode_state_bytes(split, tokens_after) * (1 + 1 / side.shape.layers)
-        budget = free - cfg.batch_reserve_gb * GB - transient
-        batch = max(1, int(budget // per_sequence))
-        why = f"free {free / GB:.1f} GB - reserve {cfg.batch_reserve_gb} GB - prefill transient {transient / GB:.1f} GB, {per_sequence / GB:.3f} GB per sequence"
-        if batch > cfg.max_batch:
-            return cfg.max_batch, why + f"; capped at max_batch {cfg.max_batch}"
-        return batch, why
+        return plan_batch(free, int(cfg.batch_reserve_gb * GB), transient, per_sequence, cfg.max_batch)
 
     def _batch_cell(self, side: Any, split: Split) -> dict[str, Any]:
         """Decode at the largest batch that fits, from a synthetic state of the right shape.
@@ -457,6 +452,17 @@ class Runner:
             "decode_floor_ms": _round(floor_bytes / (self.report["ceilings"]["copy_tb_per_s"] * 1e12) * 1000, 3),
             "peak_gb": _gb(memory.peak()),
         }
+
+
+def plan_batch(free: int, reserve: int, transient: int, per_sequence: float, max_batch: int) -> tuple[int, str]:
+    """How many sequences' decode state fit in `free` bytes, keeping `reserve` free and room for
+    one prefill's `transient`; at least 1, at most `max_batch`. Returns (batch, explanation)."""
+    batch = max(1, int((free - reserve - transient) // per_sequence))
+    why = (f"free {free / GB:.1f} GB - reserve {reserve / GB:.1f} GB - prefill transient {transient / GB:.1f} GB, "
+           f"{per_sequence / GB:.3f} GB per sequence")
+    if batch > max_batch:
+        return max_batch, why + f"; capped at max_batch {max_batch}"
+    return batch, why
 
 
 def _table(prof: Any, sort_by: str) -> str:
