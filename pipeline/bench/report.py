@@ -310,7 +310,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if not r.get("available"):
             lines.append(f"| {_k(entry['total'])} | {r.get('why', '–')} | | | | |")
             continue
-        inv = lambda v: "–" if not v else f"1/{1 / v:.1f}"  # noqa: E731
+        inv = lambda v: "–" if not v else f"1/{1 / v:.3g}"  # noqa: E731
         lines.append(
             f"| {_k(entry['total'])} | {_f(r.get('forward_speedup'))}x | {inv(r.get('context_state_ratio'))} "
             f"| {inv(r.get('peak_ratio'))} | {_f(r.get('decode_ratio'))} ({r.get('decode_loop')}) "
@@ -438,6 +438,8 @@ METHOD_NOTES = [
     "Static loop: a `StaticCache`, a fixed 4-D mask and on-device positions, replayed as one CUDA graph per token on a GPU. "
     "A masked step cannot use sdpa's flash kernel, so the loop probes sdpa and eager self-attention (8 steps each) and "
     "measures the faster. Both sides run the same loops; greedy tokens stay on the device.",
+    "The plain loop is timed over `plain_steps` tokens (its time per token is launch-bound and does not depend on G), "
+    "the static loop over all G tokens; time per token is the median over the timed steps.",
     "Largest batch: sequences are prefilled one at a time (batch-1 prefill time) and decoded together; the decode is timed on "
     "caches (and CEPE encoder states) of the right shapes allocated directly, halving the batch on OOM. "
     "Generation tokens/s = batch x G / (batch x prefill + G x time per step).",
