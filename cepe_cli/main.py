@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("cepe_cli.evaluate", "Evaluate a model: ppl, longbench, zeroscrolls, ruler."),
     "bench": ("cepe_cli.bench", "Memory and speed of CEPE against full attention."),
     "convert-decoder": ("cepe_cli.convert", "Convert a decoder (e.g. the packaged SmolLM2 GGUF) to safetensors."),
+    "use-profile": ("cepe_cli.profiles", "Switch params.yaml to a profile: cpu, tiny, gpu, paper."),
 }
 
 

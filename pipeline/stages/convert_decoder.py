@@ -5,6 +5,8 @@ The embedded default decoder is SmolLM2-135M-Instruct, which reaches us as a Q4_
 GGUF-loaded model, so this stage does it once (a cached DVC stage): load, drop the quantization
 config, rebuild a plain model of the same architecture, copy the weights, save model + tokenizer.
 Any other source (a hub name or a local directory) is simply loaded and re-saved in `dtype`.
+`tiny-random` builds a tiny random Llama over the embedded tokenizer (the `tiny` profile: the
+whole pipeline in seconds, for CI).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class ConvertConfig:
-    source: str = field("smollm2-gguf", help="`smollm2-gguf` (the packaged SmolLM2-135M-Instruct), a hub name, or a local directory")
+    source: str = field(
+        "smollm2-gguf",
+        help="`smollm2-gguf` (the packaged SmolLM2-135M-Instruct), `tiny-random` (a tiny random Llama "
+        "over the embedded tokenizer), a hub name, or a local directory",
+    )
     output: str = field("models/decoder", help="Directory to write (config.json, model.safetensors, tokenizer)")
     dtype: str = field("float32", help="Weight dtype to save: float32 | bfloat16 | float16")
 
@@ -51,6 +57,20 @@ def load_source(source: str, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     try:
+        if source == "tiny-random":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            from pipeline.data.tokenize import load_tokenizer
+
+            tokenizer = load_tokenizer("embedded")
+            config = LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            )
+            torch.manual_seed(0)
+            return LlamaForCausalLM(config).to(torch_dtype), tokenizer
         if source == "smollm2-gguf":
             folder = smollm2_dir()
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
