@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import itertools
 import multiprocessing
 import os
 import signal
@@ -125,28 +124,48 @@ def extract_embedded_tokenizer(out_dir: str | os.PathLike[str] = EMBEDDED_TOKENI
 class DocumentTokenizer:
     """Turns texts into `BOS + ids + EOS` int32 arrays plus a content hash per text.
 
-    Picklable by value of its settings only: each pool worker keeps its own loaded tokenizer.
-    BOS is left out when the tokenizer has none (e.g. Qwen2); the manifest then says
-    `bos_token_id: null`.
+    Each pool worker keeps its own copy (inherited at fork). BOS is left out when the tokenizer
+    has none (e.g. Qwen2); the manifest then says `bos_token_id: null`.
+
+    The ids come from the backend's `encode_batch_fast` (no character offsets: about 15% less
+    work than `tokenizer(texts)`, which computes them) when it gives the same ids as the
+    `transformers` call on a probe text, else from the `transformers` call itself.
     """
+
+    PROBE = "Probe: naïve café, 東京 \t tabs\n\n  and <|endoftext|> </s> <s> [CLS] 12345."
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
         self.bos = tok.bos_token_id
         self.eos = tok.eos_token_id
+        backend = getattr(tok, "backend_tokenizer", None)
+        self.fast = getattr(backend, "encode_batch_fast", None)
+        if self.fast is not None:
+            want = tok([self.PROBE], add_special_tokens=False)["input_ids"]
+            if [e.ids for e in self.fast([self.PROBE], add_special_tokens=False)] != want:
+                self.fast = None
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return [e.ids for e in self.fast(list(texts), add_special_tokens=False)]
+        return self.tok(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
         """Returns (hashes, lengths (N,), flat token ids (sum(lengths),) int32)."""
         hashes = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
-        ids = self.tok(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        pre = [] if self.bos is None else [self.bos]
-        post = [self.eos]
-        lengths = np.fromiter((len(x) + len(pre) + 1 for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(pre, x, post) for x in ids),
-            dtype=np.int32,
-            count=int(lengths.sum()),
-        )
+        ids = self.ids(texts)
+        extra = 1 + (self.bos is not None)
+        lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+        flat[ends - 1] = self.eos
+        first = starts
+        if self.bos is not None:
+            flat[starts] = self.bos
+            first = starts + 1
+        for s, x in zip(first.tolist(), ids):
+            flat[s: s + len(x)] = x
         return hashes, lengths, flat
 
 
