@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from pipeline.model.cross_attention import FORMS, CepeCrossAttention
+from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask
 from pipeline.model.encoder import CepeEncoder, CepeEncoderConfig, build_encoder_config
 
 INIT_MODES = ("zero", "copy", "normal", "none")
@@ -426,7 +426,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         if encoder_hidden_states is not None:
             decoder_kwargs.update(
                 encoder_hidden_states=encoder_hidden_states,
-                encoder_padding_mask=encoder_padding_mask,
+                # built once here, not in each of the layers (inspecting a mask syncs the host)
+                encoder_padding_mask=KeyMask.build(encoder_padding_mask),
                 cross_attn_form=cross_attn_form,
             )
         out = self.decoder(
@@ -461,6 +462,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         enc_mask = kwargs.pop("encoder_attention_mask", None)
         if enc_ids is not None and kwargs.get("encoder_hidden_states") is None:
             kwargs["encoder_hidden_states"], kwargs["encoder_padding_mask"] = self.encode(enc_ids, enc_mask)
+        mask = kwargs.get("encoder_padding_mask")
+        if mask is not None and bool(mask.all()):
+            kwargs["encoder_padding_mask"] = None  # nothing to mask: no per-step mask handling
         return super().generate(inputs, **kwargs)
 
     # -------------------------------------------------------------- save / load

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,33 @@ def flash_attn_available() -> bool:
     except Exception:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class KeyMask:
+    """The encoder's key-padding mask in the form every cross-attention layer uses.
+
+    key_mask: (B, 1, 1, S) bool (True = attend) or None when every context token is real (then
+        sdpa keeps its fused kernels and nothing is masked); rows with no real token at all
+        attend everywhere, so their softmax stays finite.
+    keep_rows: (B,) bool, False for examples whose context is entirely padding (their
+        cross-attention output is zeroed), or None when every example has context.
+    """
+
+    key_mask: torch.Tensor | None = None
+    keep_rows: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, padding_mask: torch.Tensor | None) -> "KeyMask":
+        if padding_mask is None or bool(padding_mask.all()):
+            return cls()
+        valid = padding_mask.bool()
+        has_any = valid.any(dim=-1)  # (B,)
+        keep_rows = None
+        if not bool(has_any.all()):
+            keep_rows = has_any
+            valid = valid | ~has_any[:, None]  # empty contexts attend everywhere, then are zeroed
+        return cls(valid[:, None, None, :], keep_rows)
 
 
 class CepeCrossAttention(nn.Module):
@@ -96,7 +124,9 @@ class CepeCrossAttention(nn.Module):
         Args:
             hidden_states: (B, T, D) decoder residual stream (normed here).
             encoder_hidden_states: (B, S, E).
-            encoder_padding_mask: (B, S) bool, True for real context tokens; None = all real.
+            encoder_padding_mask: (B, S) bool, True for real context tokens; None = all real; or
+                a `KeyMask` built once for all layers (the model does this: building one
+                inspects the mask, a host-device sync).
             form: force "projected" or "absorbed" (tests, benchmarks); default by `choose_form`.
         Returns:
             (B, T, D), to be added to the residual stream. Rows whose context is entirely padding
@@ -108,15 +138,9 @@ class CepeCrossAttention(nn.Module):
         q = self.q_proj(x).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         phi = encoder_hidden_states.to(q.dtype)
 
-        keep_rows = None
-        key_mask = None  # (B, 1, 1, S) bool, True = attend
-        if encoder_padding_mask is not None and not bool(encoder_padding_mask.all()):
-            valid = encoder_padding_mask.bool()
-            has_any = valid.any(dim=-1)  # (B,)
-            if not bool(has_any.all()):
-                keep_rows = has_any
-                valid = valid | ~has_any[:, None]  # empty contexts attend everywhere, then are zeroed
-            key_mask = valid[:, None, None, :]
+        if not isinstance(encoder_padding_mask, KeyMask):
+            encoder_padding_mask = KeyMask.build(encoder_padding_mask)
+        key_mask, keep_rows = encoder_padding_mask.key_mask, encoder_padding_mask.keep_rows
 
         chosen = form or self.choose_form(q_len, ctx_len)
         if chosen == "absorbed":
@@ -168,10 +192,10 @@ class CepeCrossAttention(nn.Module):
         if heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
             # Few queries (decoding): two plain matmuls over phi. sdpa has no fused kernel for a
             # head width of E (1024) and its fallback is an order of magnitude slower here.
-            scores = torch.matmul(q_abs, phi.transpose(1, 2)).float() * self.scaling  # (B, H*T, S)
+            scores = torch.matmul(q_abs * self.scaling, phi.transpose(1, 2))  # (B, H*T, S)
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask[:, 0], torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1).to(phi.dtype)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(phi.dtype)  # fp32 inside
             ctx = torch.matmul(probs, phi)  # (B, H*T, E)
         else:
             kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
