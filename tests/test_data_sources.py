@@ -155,3 +155,39 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path, monkeypatch, num_proc):
     assert calls["n"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM"])
+def test_a_killed_run_leaves_no_output_and_no_worker(tmp_path, signame):
+    """A real signal to the real CLI while its workers tokenize: the temporary directory goes,
+    the workers go, nothing appears at the output path."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from cepe_cli.main import cli; cli()")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, "prepare-data", "--source", "embedded", "--num-proc", "2",
+                             "--output", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    workers: list = []
+    while time.time() < deadline and proc.poll() is None:
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        workers = psutil.Process(proc.pid).children()
+        if tmp and len(workers) == 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], err.decode()[-500:]
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]

@@ -173,10 +173,24 @@ class DocumentTokenizer:
 _WORKER: DocumentTokenizer | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this worker when its parent dies, even by SIGKILL,
+    so no orphaned worker outlives an interrupted run."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(doc_tok: DocumentTokenizer) -> None:
     global _WORKER
     # Ctrl-C goes to the whole process group; only the parent handles it (and terminates us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = doc_tok
 

@@ -22,8 +22,11 @@ replaced by the layout name, so the defaults line up with the other stages' `dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,14 +243,37 @@ def _source_domains(spec) -> set[str]:
     return {spec.domain}
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what `kill`, DVC and job schedulers send) unwinds like Ctrl-C, so the temporary
+    output is removed and the workers are stopped; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(config: PrepareConfig) -> dict[str, Any]:
     """Build the shard directory; returns a summary (the manifest's counts and where it is).
 
     Raises:
         CepeError: a bad source or file, a tokenizer that cannot be loaded, a source with no
             document left after filtering, or no window at all. Nothing is left at `output` then
-            (an existing directory there stays as it was).
+            (an existing directory there stays as it was); the same holds for Ctrl-C and SIGTERM.
     """
+    with _sigterm_as_interrupt():
+        return _run(config)
+
+
+def _run(config: PrepareConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.data.layouts import Geometry, assign_split
