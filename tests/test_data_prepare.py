@@ -205,7 +205,7 @@ def test_hf_source_goes_through_datasets(tmp_path, corpus):
 
 
 def test_embedded_default_config_runs_and_verifies(tmp_path):
-    summary, root = prep(tmp_path, source=["embedded:abs-guide"], num_proc=2)
+    summary, root = prep(tmp_path, source=["embedded:abs-guide"], num_proc=2, max_documents=40)
     out = verify_shards(root)
     assert out["fingerprint"] == summary["fingerprint"]
     m = json.loads((root / "manifest.json").read_text())

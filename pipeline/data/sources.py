@@ -29,7 +29,6 @@ import glob as globlib
 import gzip
 import io
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,7 +101,6 @@ def parse_source(item: str | dict[str, Any], text_field: str = "text", id_field:
         spec = opts.pop("source", None) or opts.pop("spec", None) or opts.pop("path", None)
         if not isinstance(spec, str) or not spec:
             raise CepeError(f"source {item!r}: expected a mapping with a `source:` string")
-        opts = {k: v for k, v in opts.items()}
     elif isinstance(item, str):
         spec, *rest = [p.strip() for p in item.split(";")]
         opts = {}
