@@ -45,18 +45,22 @@ class CepedExamples(torch.utils.data.Dataset):
 
     def __init__(self, data: Any, context_len: int, decoder_len: int, logits: TeacherLogits | None = None,
                  with_teacher_rows: bool = False, pad_token_id: int = 0, where: str = ""):
-        if logits is not None and len(logits) != len(data):
+        if logits is not None and len(logits) > len(data):
             raise CepeError(f"{logits.root}: split {logits.split!r} holds {len(logits)} rows of teacher logits "
                             f"but the data split holds {len(data)} windows")
+        # Logits computed with `max_windows` cover the first rows of the split only: serve those.
+        self.length = len(data) if logits is None else len(logits)
         self.data, self.logits = data, logits
         self.context_len, self.decoder_len = context_len, decoder_len
         self.with_teacher_rows, self.pad_token_id = with_teacher_rows, pad_token_id
         self.where = where
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
         ex = dict(self.data[index])
         if "encoder_input_ids" not in ex:
             raise CepeError(f"{self.where or 'data'}: examples have no encoder_input_ids (CEPED needs prevdoc-style "
@@ -90,12 +94,15 @@ def check_alignment(
     decoder_len: int,
     temperature: float,
     data_root: str | Path = "",
+    data_shards: list[dict[str, Any]] | None = None,
 ) -> None:
     """Refuse logits that were not computed for this data, split and geometry; before training.
 
     Checks, each failing with a message naming both sides: the data build (manifest fingerprint and
-    checksum), the tokenizer, the row structure of the split (shard files and row counts), the
-    teacher window (`teacher_context_len`, `decoder_len`) and the temperature.
+    checksum), the tokenizer, the row structure of the split (`data_shards`: the data split's
+    manifest entries; the logits shards must be the same files with the same rows, the last one
+    possibly cut short when the teacher covered only a prefix), the teacher window
+    (`teacher_context_len`, `decoder_len`) and the temperature.
 
     Raises:
         CepeError: on the first mismatch.
@@ -104,17 +111,26 @@ def check_alignment(
     where = f"{logits.root / MANIFEST}"
     data = m.get("data", {})
     src = f"{data_root}/manifest.json" if data_root else "the data manifest"
-    if data.get("fingerprint") != data_manifest.get("fingerprint") or data.get("manifest_sha256") != data_manifest_sha256:
-        raise CepeError(
-            f"{where}: computed for another data build (data fingerprint {data.get('fingerprint')}, "
-            f"manifest sha256 {str(data.get('manifest_sha256'))[:12]}) than {src} "
-            f"(fingerprint {data_manifest.get('fingerprint')}, sha256 {data_manifest_sha256[:12]}); recompute with `cepe teacher-logits`"
-        )
     ours, theirs = _tokenizer_id(data.get("tokenizer")), _tokenizer_id(data_manifest.get("tokenizer"))
     if ours != theirs:
-        raise CepeError(f"{where}: computed with tokenizer {ours} but {src} was tokenized with {theirs}")
-    if m.get("split") not in (None, logits.split) and logits.split not in m.get("splits", {}):
-        raise CepeError(f"{where}: has no split {logits.split!r}")
+        raise CepeError(f"{where}: computed on windows tokenized with {ours} but {src} was tokenized with {theirs}")
+    if data.get("fingerprint") != data_manifest.get("fingerprint") or data.get("manifest_sha256") != data_manifest_sha256:
+        raise CepeError(
+            f"{where}: computed for another data build (data fingerprint {str(data.get('fingerprint'))[:12]}, "
+            f"manifest sha256 {str(data.get('manifest_sha256'))[:12]}) than {src} "
+            f"(fingerprint {str(data_manifest.get('fingerprint'))[:12]}, sha256 {data_manifest_sha256[:12]}); "
+            f"recompute with `cepe teacher-logits`"
+        )
+    if data_shards is not None:
+        names = [Path(e["path"]).name for e in data_shards]
+        rows = [int(e["rows"]) for e in data_shards]
+        for i, (name, n) in enumerate(zip(logits.files, logits.rows)):
+            if i >= len(names) or name != names[i]:
+                raise CepeError(f"{where}: split {logits.split!r} shard {i} is {name} but the data split's is "
+                                f"{names[i] if i < len(names) else 'missing'} (logits of another split or build)")
+            last = i == len(logits.files) - 1
+            if n != rows[i] and not (last and n < rows[i]):
+                raise CepeError(f"{where}: {logits.split}/{name} holds {n} rows but the data shard holds {rows[i]}")
     for key, want in (("teacher_context_len", context_len), ("decoder_len", decoder_len)):
         if int(m.get(key, -1)) != int(want):
             raise CepeError(f"{where}: {key} is {m.get(key)} but this run uses {key}={want}; "
