@@ -126,3 +126,13 @@ def test_kl_modes_parse():
     assert parse_kl_mode("drop") == ("drop", 0.0)
     assert parse_kl_mode("smooth_1e-6") == ("smooth", 1e-6)
     assert parse_kl_mode("smooth") == ("smooth", 1e-6)
+
+
+def test_drop_mode_minimum_is_the_renormalised_top_k():
+    """Drop mode is not a divergence of normalised distributions: a student that puts all its
+    mass on the teacher's top-k (renormalised) scores S log S < 0, S = the top-k's mass."""
+    logits = torch.full((1, 1, 5), -1e4)
+    logits[0, 0, 1] = math.log(0.6 / 0.9)
+    logits[0, 0, 0] = math.log(0.3 / 0.9)
+    _, probs, ids, tail = _one()
+    assert topk_kl(logits, probs, ids, tail, mode="drop").item() == pytest.approx(0.9 * math.log(0.9), rel=1e-5)

@@ -9,7 +9,10 @@ buckets, the way the reference implementation does it (`LlamaForCausalContextLM.
   the teacher's top-k ids, and its own tail is `1 - sum(gathered)`;
 - `drop` mode (the paper's run, `kl_modedrop`): the tail bucket is dropped on both sides and the
   KL runs over the `k` un-renormalised probabilities,
-  `KL = sum_j p_t,j * (log p_t,j - log p_s,j)`;
+  `KL = sum_j p_t,j * (log p_t,j - log p_s,j)`. It is 0 when the student equals the teacher,
+  but it is not a divergence between normalised distributions: a student that moves the tail
+  mass onto the teacher's top-k scores below 0 (its minimum, `S log S` with `S = sum_j p_t,j`,
+  is the renormalised top-k). The CE term keeps the student's tail honest, as in the paper;
 - `smooth_<delta>` mode (the reference default, `smooth_1e-6`): the tail is kept and both
   `(k + 1)`-bucket distributions are smoothed as `(p + delta) / (1 + (k + 1) * delta)`, which keeps
   the logarithms finite when a bucket is zero.
