@@ -510,6 +510,8 @@ class _Trainer:
         from accelerate.utils import set_seed
 
         set_seed(o.seed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak memory of this run, not of the process
         resume_from = find_resume(self.resume, self.ckpt_root, o, self.log)
         if self.main and resume_from is None and list_checkpoints(self.ckpt_root):
             self.log(f"starting afresh: removing earlier checkpoints in {self.ckpt_root}")

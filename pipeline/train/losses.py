@@ -119,15 +119,14 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     """
     out = model(**model_inputs(batch))
     nll, n = causal_nll(out.logits, batch["labels"])
-    loss = nll / n.clamp(min=1)
-    return loss, {"nll_sum": float(nll.detach()), "n_tokens": float(n)}
+    return nll / n.clamp(min=1), {}
 
 
 def mlm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean CE over the masked positions of an MLM batch (`collate_mlm`)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     nll, n = mlm_nll(out.logits, batch["labels"])
-    return nll / n.clamp(min=1), {"nll_sum": float(nll.detach()), "n_tokens": float(n)}
+    return nll / n.clamp(min=1), {}
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "encoder_input_ids", "encoder_attention_mask")
