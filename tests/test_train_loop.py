@@ -202,3 +202,50 @@ def test_validation_perplexity_matches_a_hand_computation():
                 count += 1
     assert res["val_tokens"] == count
     assert res["val_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def _cepe_data(n=16, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(3, 128, 16), "encoder_input_ids": rng.integers(3, 128, (2, 8))} for _ in range(n)]
+
+
+def test_gradient_checkpointing_computes_the_same_steps(tmp_path):
+    from conftest import tiny_cepe
+
+    data = _cepe_data()
+    states, calls = [], []
+    for ckpt in (False, True):
+        model = tiny_cepe(init_mode="normal")
+        count, mlp = [0], model.decoder.model.layers[0].mlp
+        forward = mlp.forward
+
+        def counting(*args, _forward=forward, _count=count, **kwargs):
+            _count[0] += 1  # (forward hooks do not fire on recomputation, a patched forward does)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counting
+        task = TrainTask(model=model, train_data=data, collate=LmCollator(), compute_loss=causal_lm_loss)
+        run_training(task, options(tmp_path, f"gc{ckpt}", max_steps=3, gradient_checkpointing=ckpt))
+        states.append(trainable_state(model))
+        calls.append(count[0])
+    assert calls == [3, 6]  # recomputed in the backward pass: checkpointing is really on
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_frozen_decoder_with_bf16_autocast(tmp_path):
+    """The GPU recipe (frozen weights stored in bf16, fp32 trainable weights, bf16 autocast), on CPU."""
+    from conftest import tiny_cepe
+
+    model = tiny_cepe()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    task = TrainTask(model=model, train_data=_cepe_data(), collate=LmCollator(), compute_loss=causal_lm_loss)
+    metrics = run_training(task, options(tmp_path, "bf16", max_steps=3, frozen_dtype="bf16", mixed_precision="bf16"))
+    assert metrics["mixed_precision"] == "bf16" and math.isfinite(metrics["loss"])
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name
+        else:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, frozen[name].to(torch.bfloat16)), name

@@ -530,9 +530,13 @@ class _Trainer:
         if resume_from is not None:
             self._load_weights(resume_from)
         if o.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
+            # transformers >= 5.2x renamed it activation_checkpointing_enable (old name deprecated)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
                 raise ConfigError("gradient_checkpointing: this model does not support it")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model.to(acc.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
