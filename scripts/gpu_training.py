@@ -496,12 +496,12 @@ def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict
 
 
 def main_scale(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     from pipeline.stages import train
+    from pipeline.train.loop import process_state
 
-    state = PartialState()
+    state = process_state()
     out = Path(args.out) / "scale"
     init_dir = out / "init"
     if state.is_main_process:

@@ -10,7 +10,7 @@ import torch
 from _train_helpers import pattern_corpus
 from conftest import tiny_decoder
 from pipeline.train.collate import LmCollator
-from pipeline.train.loop import LoopOptions, TrainTask, run_training
+from pipeline.train.loop import LoopOptions, TrainTask, run_training, save_config
 from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
 
 
@@ -24,6 +24,7 @@ def main(output: str, batch_size: int) -> None:
                      val_collate=LmCollator(eval_last=8), eval_nll=eval_last_tokens_nll)
     options = LoopOptions(output=output, max_steps=4, batch_size=batch_size, lr=3e-3, warmup_ratio=0.25,
                           save_every=2, progress=False, seed=1)
+    save_config(options)  # as the stages do: the process state is made before the loop's Accelerator
     run_training(task, options)
     torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"{output}/trainable-final.pt")
 

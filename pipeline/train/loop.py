@@ -692,13 +692,23 @@ class _Trainer:
         return metrics
 
 
-def save_config(config: Any) -> None:
-    """Write the resolved stage config to `<output>/config.yaml` (main process only)."""
+def process_state() -> Any:
+    """accelerate's process-wide state, created as the loop creates it.
+
+    The first `PartialState` of a process decides whether processes started by `accelerate
+    launch` join one group: without CUDA it must be created with `cpu=True` (gloo), or every
+    process would train alone. Code that needs the rank before the loop runs calls this.
+    """
     from accelerate import PartialState
 
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def save_config(config: Any) -> None:
+    """Write the resolved stage config to `<output>/config.yaml` (main process only)."""
     from pipeline.config import save_resolved
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         save_resolved(config, Path(config.output) / "config.yaml")
 
