@@ -59,6 +59,22 @@ def launch_command(num_processes: int, argv: list[str]) -> list[str]:
     return cmd + ["-m", "cepe_cli.main", *strip_num_processes(argv)]
 
 
+def _run_forwarding_signals(cmd: list[str]) -> int:
+    """Run the launcher and wait for it. SIGTERM is passed on (the processes then checkpoint and
+    stop); SIGINT from a terminal already reaches every process of the group, so here it is
+    only kept from killing this parent before its children have saved."""
+    import signal
+
+    proc = subprocess.Popen(cmd)
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
 def _run_stage(run: Callable[..., dict[str, Any]], config: Any, resume: str | None, num_processes: int | None) -> None:
     from pipeline.train.loop import TrainingInterrupted
 
@@ -67,7 +83,7 @@ def _run_stage(run: Callable[..., dict[str, Any]], config: Any, resume: str | No
     if num_processes and num_processes > 1 and not _inside_launcher():
         cmd = launch_command(num_processes, sys.argv[1:])
         click.echo("launching: " + " ".join(cmd[2:]), err=True)
-        sys.exit(subprocess.call(cmd))
+        sys.exit(_run_forwarding_signals(cmd))
     try:
         metrics = run(config, resume=resume)
     except TrainingInterrupted as exc:
