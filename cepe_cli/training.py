@@ -87,8 +87,15 @@ def _run_stage(run: Callable[..., dict[str, Any]], config: Any, resume: str | No
     try:
         metrics = run(config, resume=resume)
     except TrainingInterrupted as exc:
-        click.echo(f"stopped: {exc}", err=True)
+        from pipeline.train.loop import process_state
+
+        if process_state().is_main_process:
+            click.echo(f"stopped: {exc}", err=True)
         sys.exit(128 + exc.signum)
+    from pipeline.train.loop import process_state
+
+    if not process_state().is_main_process:
+        return
     shown = {k: metrics.get(k) for k in ("loss", "val_loss", "val_ppl", "tokens_seen", "wall_time_s")}
     click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
