@@ -20,7 +20,7 @@ def main(output: str, batch_size: int) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("model.embed_tokens."))
     task = TrainTask(model=model, train_data=pattern_corpus(32, 17, seed=0), collate=LmCollator(),
-                     compute_loss=causal_lm_loss, val_data=pattern_corpus(6, 17, seed=1),
+                     compute_loss=causal_lm_loss, val_data=pattern_corpus(7, 17, seed=1),
                      val_collate=LmCollator(eval_last=8), eval_nll=eval_last_tokens_nll)
     options = LoopOptions(output=output, max_steps=4, batch_size=batch_size, lr=3e-3, warmup_ratio=0.25,
                           save_every=2, progress=False, seed=1)

@@ -570,10 +570,17 @@ class _Trainer:
         t = self.task
         if t.val_data is None or t.eval_nll is None or len(t.val_data) == 0:
             return None
+        from accelerate.utils import DistributedType
+
         bs = self.options.eval_batch_size or self.options.batch_size
-        res = evaluate_nll(self.model, t.val_data, t.val_collate or t.collate, t.eval_nll, batch_size=bs,
-                           max_windows=self.options.eval_windows, accelerator=self.acc,
-                           autocast=self.acc.autocast)
+        # DDP: the bare model, so that processes with one window more or less do not wait on each
+        # other inside the wrapper's forward (it syncs buffers); sums are reduced afterwards.
+        # FSDP: every forward is collective, so every process evaluates every window itself.
+        fsdp = self.acc.distributed_type == DistributedType.FSDP
+        res = evaluate_nll(self.model if fsdp else self.acc.unwrap_model(self.model), t.val_data,
+                           t.val_collate or t.collate, t.eval_nll, batch_size=bs,
+                           max_windows=self.options.eval_windows, accelerator=None if fsdp else self.acc,
+                           device=self.acc.device, autocast=self.acc.autocast)
         logger.log_validation({"step": self.state["step"], **res})
         self.log(f"step {self.state['step']}: val_loss {res['val_loss']:.4f} val_ppl {res['val_ppl']:.3f}")
         return res
