@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY_VOCAB, tiny_cepe, tiny_decoder
 
 from pipeline.train.ceped_eval import compare_with_teacher
