@@ -555,7 +555,9 @@ def write_scaling(args: argparse.Namespace, runs: list[dict]) -> None:
     table = {n: {**r, "speedup": r["tokens_per_s"] / base, "efficiency": r["tokens_per_s"] / base / n}
              for n, r in sorted(by.items())}
     (res / "training_scaling.json").write_text(json.dumps(table, indent=2) + "\n")
-    lines = ["# Main stage scaling: 1 vs 2 H200 GPUs (DDP through accelerate launch)", "",
+    lines = [f"# Main stage scaling: 1 vs {max(table)} processes (DDP through accelerate launch)", "",
+             f"Machine: {table[max(table)]['device']}, torch {torch.__version__}. Same per-GPU batch; the "
+             "2-process run starts from the same CEPE initialisation (decoder-layers encoder, zero o-projection).", "",
              "| processes | global batch | steps | s/step | tokens/s | speedup | efficiency | peak GB/GPU |",
              "|---|---|---|---|---|---|---|---|"]
     for n, r in table.items():
