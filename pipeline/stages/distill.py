@@ -113,6 +113,10 @@ def _kl_trace(output: Path) -> tuple[float | None, float | None]:
     return float(rows[0]["kl"]), float(rows[-1]["kl"])
 
 
+def _student_tokens(batch: dict[str, Any]) -> int:
+    return sum(batch[k].numel() for k in ("input_ids", "encoder_input_ids") if k in batch)
+
+
 def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print) -> tuple[Any, Any, list[Any]]:
     """(train dataset, validation dataset, logits manifests) for the run, alignment checked.
 
@@ -221,6 +225,7 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
                if config.context_masking else None)
     task = lm_task(student, train, val, config, context_masking=masking, stage="distill")
     task.compute_loss = DistillLoss(config.lm_weight, config.kl_weight, config.kl_mode, config.temperature, teacher_fn)
+    task.tokens_in = _student_tokens  # the online teacher's rows are not tokens the student trained on
     task.extra_metrics.update(teacher=config.teacher, teacher_mode=config.teacher_mode, lm_weight=config.lm_weight,
                               kl_weight=config.kl_weight, kl_mode=config.kl_mode, k=config.k,
                               teacher_context_len=config.teacher_context_len)
