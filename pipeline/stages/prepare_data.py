@@ -39,6 +39,10 @@ LAYOUT_CHOICES = ("prevdoc", "concat", "duplicate", "mlm", "mix")
 # Config keys that cannot change the shards' content (left out of the manifest's params so that
 # the manifest, and its sha256 that teacher-logits records, is the same for the same data).
 NON_CONTENT_KEYS = ("output", "num_proc")
+# Rows a layout may queue in a mix while it is ahead of its share (per split): with the default
+# window (2560 int32 = 10 KB) that is 10 MB per queue, whatever the corpus size. Part of the
+# content definition (it decides which surplus rows are dropped), so it is a constant here.
+MIXER_ROWS = 1024
 
 
 @dataclass
@@ -197,10 +201,12 @@ class _SplitAssembler:
                 self.prevdoc_short += 1
             dec, enc = self.geometry.split_window(layout, wins)
             for i in range(len(wins)):
-                row = (dec[i], None if enc is None else enc[i], doc.domain, layout, ids[i])
                 if self.mixer is None:
-                    self._write(row)
+                    self._write((dec[i], None if enc is None else enc[i], doc.domain, layout, ids[i]))
                 else:
+                    # A queued row is copied: a view would keep its document's whole window
+                    # array alive, and the queue's memory would no longer be capacity x row.
+                    row = (dec[i].copy(), None if enc is None else enc[i].copy(), doc.domain, layout, ids[i])
                     for r in self.mixer.push(layout, row):
                         self._write(r)
 
@@ -316,7 +322,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
             split: _SplitAssembler(
                 weights, geometry,
                 ShardWriter(Path(tmp), split, input_width, encoder_width, rows_per_shard),
-                config.prevdoc_domains, mixer_capacity=max(64, rows_per_shard // 2),
+                config.prevdoc_domains, mixer_capacity=MIXER_ROWS,
             )
             for split in config.splits
         }
