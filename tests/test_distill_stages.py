@@ -171,3 +171,18 @@ def test_cli_unknown_teacher_lists_known_names(tmp_path, monkeypatch):
     assert "unknown teacher 'llama-9-chat'" in result.output and "llama-2-7b-chat" in result.output
     result = CliRunner().invoke(cli, ["distill", "--teacher-mode", "sometimes"])
     assert result.exit_code == 2 and "sometimes" in result.output
+
+
+def test_teacher_with_another_tokenizer_is_refused(world, tmp_path):
+    from pipeline.data.tokenize import load_tokenizer, tokenizer_hash
+    from pipeline.stages.teacher_logits import check_tokenizer
+    from pipeline.train.teacher import resolve_teacher
+
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], teacher_dir)
+    tok = load_tokenizer("embedded")
+    tok.save_pretrained(teacher_dir)
+    ref = resolve_teacher(str(teacher_dir))
+    check_tokenizer(None, {"tokenizer": {"name": "embedded", "sha256": tokenizer_hash(tok)}}, ref)
+    with pytest.raises(CepeError, match="has another tokenizer .* than the windows in data"):
+        check_tokenizer(None, {"tokenizer": {"name": "llama-2", "sha256": "0" * 64}}, ref)
