@@ -271,6 +271,7 @@ class ShardDataset:
             (int(self.manifest["n_chunks"]), int(self.manifest["chunk_len"])) if self.manifest.get("encoder_width") else None
         )
         self._blocks: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        self._starts: dict[int, list[int]] = {}
 
     # pickling: reopen the memory maps in the receiving process
     def __getstate__(self) -> dict[str, Any]:
@@ -298,6 +299,7 @@ class ShardDataset:
                 blocks.append((start, cols))
                 start += batch.num_rows
             self._blocks[k] = blocks
+            self._starts[k] = [start for start, _ in blocks]
         return blocks
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -309,7 +311,7 @@ class ShardDataset:
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
         local = index - int(self.offsets[k])
         blocks = self._shard(k)
-        b = bisect.bisect_right([s for s, _ in blocks], local) - 1
+        b = bisect.bisect_right(self._starts[k], local) - 1
         start, cols = blocks[b]
         r = local - start
         out: dict[str, Any] = {"input_ids": np.array(cols["input_ids"][r])}
