@@ -6,9 +6,11 @@ as the teacher *and* as the student's frozen decoder, on real text, in one run o
 
 1. tokenize real text (the project's shared corpus: Austen, the King James Bible, the Advanced
    Bash-Scripting Guide, the Debian handbook, perl documentation) into one stream per source,
-   and cut prevdoc windows: `n_chunks x chunk_len` context tokens + `decoder_len` decoder tokens
-   (2048 + 2048 by default, the paper's CEPED split). Held-out windows come from documents that
-   training never sees (every 8th document of each source);
+   and cut prevdoc windows: `n_chunks x chunk_len` context tokens + `decoder_len` decoder tokens.
+   Default 8 x 256 = 2048 + 512: the geometry of the CPU defaults and of `gpu_training.py` (SmolLM2
+   has an 8K window and gains most of what context gives it within ~2K tokens); the paper's CEPED
+   split for a 4K teacher is 2048 + 2048 (`--decoder-len 2048`). Held-out windows come from
+   documents that training never sees (every 8th document of each source);
 2. the teacher reads context + decoder input in its own window; its top-k (k=50) + tail at every
    decoder position go to Arrow shards (`pipeline.train.teacher_pass`, the `teacher-logits` code);
 3. the student: the same decoder wrapped by CEPE (cross-attention in every layer, o-projection
@@ -155,7 +157,8 @@ def load_teacher(spec: str, dtype: torch.dtype):
     path = Path(spec)
     if not (path / "config.json").is_file():
         sys.exit(f"--teacher {spec}: not a model directory (run `cepe convert-decoder` or pass smollm2-gguf)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    tok_dir = path if (path / "tokenizer.json").is_file() else Path("pipeline/resources/tokenizer/smollm2")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(tok_dir)
 
 
 def build_student(teacher_spec: str, teacher_fp32_state: dict, config, encoder_layers: int, seed: int):
@@ -243,7 +246,7 @@ def kl_trace(steps_tsv: Path) -> dict:
         rows = [r for r in csv.DictReader(fh, delimiter="\t") if r.get("kl")]
     kl = [float(r["kl"]) for r in rows]
     ce = [float(r["ce"]) for r in rows]
-    tail = max(10, len(kl) // 20)
+    tail = min(len(kl), max(10, len(kl) // 20))
     return {"kl_first": kl[0], "kl_last": float(np.mean(kl[-tail:])), "kl_last_step": kl[-1],
             "kl_last_window_steps": tail, "ce_first": ce[0], "ce_last": float(np.mean(ce[-tail:])),
             "logged_steps": len(kl)}
@@ -261,19 +264,19 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results", help="where distill.json/md go")
     ap.add_argument("--chunk-len", type=int, default=256)
     ap.add_argument("--n-chunks", type=int, default=8)
-    ap.add_argument("--decoder-len", type=int, default=2048)
+    ap.add_argument("--decoder-len", type=int, default=512)
     ap.add_argument("--teacher-context-len", type=int, default=2048)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--max-train-tokens", type=int, default=2_500_000, help="per source")
-    ap.add_argument("--train-windows", type=int, default=4000)
-    ap.add_argument("--val-windows", type=int, default=128)
+    ap.add_argument("--train-windows", type=int, default=12000)
+    ap.add_argument("--val-windows", type=int, default=256)
     ap.add_argument("--encoder-layers", type=int, default=6)
     ap.add_argument("--warmup-seconds", type=float, default=60)
     ap.add_argument("--warmup-batch", type=int, default=32)
     ap.add_argument("--warmup-len", type=int, default=256, help="decoder tokens of a warm-up window (= 4 encoder chunks)")
     ap.add_argument("--warmup-lr", type=float, default=5e-4)
     ap.add_argument("--distill-seconds", type=float, default=240)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lm-weight", type=float, default=1.0)
     ap.add_argument("--kl-weight", type=float, default=2.0)
@@ -346,7 +349,7 @@ def main() -> None:
     student = build_student(args.teacher, fp32_state, teacher.config, args.encoder_layers, args.seed)
     assert weights_fingerprint(student.decoder) == weights_fingerprint(teacher), "student decoder != teacher"
     counts = student.parameter_counts()
-    warm_steps = 0
+    warm_steps, warm_loss = 0, (float("nan"), float("nan"))
     if args.warmup_seconds > 0:
         t = time.time()
         warm_collate = LmCollator()
@@ -358,8 +361,11 @@ def main() -> None:
         warm = train_within(TrainTask(model=student, train_data=warm_windows, collate=warm_collate,
                                       compute_loss=causal_lm_loss), warm_opts, 1.5 * args.warmup_seconds + 30)
         phases["warmup_s"] = time.time() - t
-        log(f"warm-up: {warm_steps} steps, loss {warm.get('loss_first', float('nan')):.3f} -> "
-            f"{warm.get('loss', float('nan')):.3f}, {phases['warmup_s']:.0f}s")
+        warm_steps = warm.get("stopped_early_at_step", warm_steps)
+        with open(work / "warmup" / "steps.tsv", newline="") as fh:
+            losses = [float(r["loss"]) for r in csv.DictReader(fh, delimiter="\t")]
+        warm_loss = (losses[0], float(np.mean(losses[-3:]))) if losses else (float("nan"), float("nan"))
+        log(f"warm-up: {warm_steps} steps, loss {warm_loss[0]:.3f} -> {warm_loss[1]:.3f}, {phases['warmup_s']:.0f}s")
 
     # 4. distillation --------------------------------------------------------------------------------
     t = time.time()
@@ -400,8 +406,11 @@ def main() -> None:
         "teacher_mean_tail_mass": entry["mean_tail"],
         "logits_bytes": size,
         "train_windows": len(train_windows),
-        "distill_steps": steps if "stopped_early_at_step" not in metrics else metrics["stopped_early_at_step"],
+        "distill_steps": metrics.get("stopped_early_at_step", steps),
+        "distill_steps_planned": steps,
         "warmup_steps": warm_steps,
+        "warmup_loss_first": warm_loss[0],
+        "warmup_loss_last": warm_loss[1],
         "loop_val_ppl_last256": metrics.get("val_ppl"),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "peak_memory_gb": metrics.get("peak_memory_gb"),
@@ -451,12 +460,15 @@ transformers {r['environment']['transformers']}), total {r['phases_s']['total_s'
   decoder's first {s['encoder_layers']} layers run bidirectionally. Trainable parameters
   {r['params']['trainable'] / 1e6:.1f}M, frozen {r['params']['frozen'] / 1e6:.1f}M.
 - Data: real text ({', '.join(f'{k} {v:,}' for k, v in r['sources'].items())} training tokens), prevdoc windows
-  of {s['n_chunks']}x{s['chunk_len']} context + {s['decoder_len']} decoder tokens. Held-out windows
+  of {s['n_chunks']}x{s['chunk_len']} context + {s['decoder_len']} decoder tokens (the paper's CEPED split
+  for a 4K teacher is 2048 + 2048; SmolLM2 has an 8K window and this is the geometry of the other
+  SmolLM2 runs here). Held-out windows
   ({r['val_windows']}) come from documents never trained on (every 8th document of each source:
   {', '.join(f'{k} {v:,} tokens' for k, v in r['held_out_sources'].items())}).
 - Warm-up: {r['warmup_steps']} steps on duplicate inputs ({s['warmup_len']} decoder tokens, the same tokens
-  as 4 encoder chunks), batch {s['warmup_batch']}, LR {s['warmup_lr']}; {r['phases_s'].get('warmup_s', 0):.0f} s.
-- Distillation: {r['distill_steps']} steps, batch {s['batch_size']}, LR {s['lr']} (cosine, 4 % warm-up),
+  as 4 encoder chunks), batch {s['warmup_batch']}, LR {s['warmup_lr']}, loss {r['warmup_loss_first']:.3f} ->
+  {r['warmup_loss_last']:.3f}; {r['phases_s'].get('warmup_s', 0):.0f} s.
+- Distillation: {r['distill_steps']} steps (of {r['distill_steps_planned']} planned from the measured step time), batch {s['batch_size']}, LR {s['lr']} (cosine, 4 % warm-up),
   loss `{s['lm_weight']} * CE + {s['kl_weight']} * KL` in `{s['kl_mode']}` mode, T = 1, from the precomputed
   shards; {r['phases_s']['distill_s']:.0f} s, {r['tokens_per_s'] or 0:,.0f} tokens/s, peak
   {r['peak_memory_gb'] or 0:.1f} GB.
