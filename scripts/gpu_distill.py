@@ -333,7 +333,7 @@ def main() -> None:
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
     entry = compute_split(teacher, train_windows, shards, logits_dir / "train",
                           context_len=args.teacher_context_len, decoder_len=args.decoder_len, k=args.k,
-                          batch_size=4, pad_token_id=int(tok.pad_token_id or 0), desc="teacher-logits")
+                          batch_size=8, pad_token_id=int(tok.pad_token_id or 0), desc="teacher-logits")
     manifest = {"format": LOGITS_FORMAT, "version": LOGITS_VERSION, "k": args.k, "temperature": 1.0,
                 "teacher_context_len": args.teacher_context_len, "decoder_len": args.decoder_len,
                 "teacher": {"name": args.teacher, "fingerprint": weights_fingerprint(teacher)},
@@ -359,7 +359,7 @@ def main() -> None:
                                 lr=args.warmup_lr, warmup_ratio=0.04, seed=args.seed, log_every=10,
                                 eval_windows=0)
         warm = train_within(TrainTask(model=student, train_data=warm_windows, collate=warm_collate,
-                                      compute_loss=causal_lm_loss), warm_opts, 1.5 * args.warmup_seconds + 30)
+                                      compute_loss=causal_lm_loss), warm_opts, 1.25 * args.warmup_seconds + 15)
         phases["warmup_s"] = time.time() - t
         warm_steps = warm.get("stopped_early_at_step", warm_steps)
         with open(work / "warmup" / "steps.tsv", newline="") as fh:
@@ -381,7 +381,7 @@ def main() -> None:
     log(f"distill: {steps} steps of {args.batch_size} windows (~{per_step:.2f}s/step measured)")
     metrics = train_within(TrainTask(model=student, train_data=train, collate=collate, compute_loss=loss_fn,
                                      val_data=val, val_collate=LmCollator(eval_last=256),
-                                     eval_nll=eval_last_tokens_nll), opts, 1.3 * args.distill_seconds + 30)
+                                     eval_nll=eval_last_tokens_nll), opts, 1.15 * args.distill_seconds + 20)
     phases["distill_s"] = time.time() - t
     trace = kl_trace(work / "distill" / "steps.tsv")
     log(f"distill: KL {trace['kl_first']:.4f} -> {trace['kl_last']:.4f}, CE {trace['ce_first']:.4f} -> "
