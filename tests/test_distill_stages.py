@@ -186,3 +186,24 @@ def test_teacher_with_another_tokenizer_is_refused(world, tmp_path):
     check_tokenizer(None, {"tokenizer": {"name": "embedded", "sha256": tokenizer_hash(tok)}}, ref)
     with pytest.raises(CepeError, match="has another tokenizer .* than the windows in data"):
         check_tokenizer(None, {"tokenizer": {"name": "llama-2", "sha256": "0" * 64}}, ref)
+
+
+@pytest.mark.parametrize("section,cls", [("teacher_logits", TeacherLogitsConfig), ("distill", DistillConfig)])
+def test_params_yaml_sections_load_key_for_key(section, cls):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.stages.train import TrainConfig
+
+    params_file = Path(__file__).resolve().parent.parent / "params.yaml"
+    values = yaml.safe_load(params_file.read_text())[section]
+    config = load_config(cls, section, params_file)
+    for key, value in values.items():
+        assert getattr(config, key) == value, key
+    fields = {f.name for f in dataclasses.fields(cls)}
+    own = fields - {f.name for f in dataclasses.fields(TrainConfig)} if cls is DistillConfig else fields
+    assert set(values) <= fields
+    assert own <= set(values)  # every CEPED key is spelled out (dvc tracks exactly what runs)
