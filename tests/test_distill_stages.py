@@ -207,3 +207,21 @@ def test_params_yaml_sections_load_key_for_key(section, cls):
     own = fields - {f.name for f in dataclasses.fields(TrainConfig)} if cls is DistillConfig else fields
     assert set(values) <= fields
     assert own <= set(values)  # every CEPED key is spelled out (dvc tracks exactly what runs)
+
+
+def test_online_teacher_is_the_students_decoder_when_the_weights_match(world, tmp_path):
+    from pipeline.model import CepeForCausalLM
+    from pipeline.stages.distill import build_teacher
+    from pipeline.train.teacher import weights_fingerprint
+
+    student = CepeForCausalLM.from_pretrained(world["student"])
+    fp = weights_fingerprint(student.decoder)
+    shutil.copytree(world["teacher"], tmp_path / "copy")  # same weights, another path: shared after a check
+    fn, separate = build_teacher(distill_config(world, tmp_path, teacher=str(tmp_path / "copy"), teacher_mode="online"),
+                                 student, fp, log=lambda m: None)
+    assert fn.model is None and separate is None
+    tiny_decoder(seed=5).save_pretrained(tmp_path / "other")  # another model: held apart, with a warning
+    said = []
+    fn, separate = build_teacher(distill_config(world, tmp_path, teacher=str(tmp_path / "other"), teacher_mode="online"),
+                                 student, fp, log=said.append)
+    assert fn.model is separate and separate is not None and "not the student's frozen decoder" in said[0]
