@@ -234,9 +234,17 @@ def test_cli_builds_and_verifies(tmp_path, corpus, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_repository_params_prepare_section_is_valid():
-    from pipeline.config import load_config
+def test_repository_params_prepare_sections_are_valid():
+    """params.yaml and every profile in params/ give a valid PrepareConfig (unknown keys, bad
+    types and contradictions fail here, not in a pipeline run)."""
+    from pipeline.config import load_config, read_params
 
     root = Path(__file__).resolve().parent.parent
-    cfg = load_config(PrepareConfig, "prepare", root / "params.yaml")
-    assert cfg.tokenizer == "embedded" and cfg.source == ["embedded"]
+    files = [root / "params.yaml"] + sorted((root / "params").glob("*.yaml"))
+    checked = 0
+    for f in files:
+        if f.is_file() and "prepare" in read_params(f):
+            cfg = load_config(PrepareConfig, "prepare", f)
+            assert cfg.layout_weights() and cfg.output_dir().name
+            checked += 1
+    assert checked >= 1
