@@ -121,6 +121,32 @@ def test_every_dvc_stage_reads_its_own_section():
             assert "--resume auto" in stage["cmd"], name
 
 
+RESOLVE = """
+import json, shutil, sys
+from dvc.repo import Repo
+out = {}
+for profile in sys.argv[1:]:
+    shutil.copy(f"params/{profile}.yaml", "params.yaml")
+    with Repo(".") as repo:
+        out[profile] = sorted(s.addressing for s in repo.index.stages)
+print(json.dumps(out))
+"""
+
+
+def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
+    """Every `${...}` in dvc.yaml exists in every profile (a missing key would break `dvc repro`)."""
+    pytest.importorskip("dvc")
+    for rel in ("dvc.yaml", *(f"params/{p}.yaml" for p in PROFILES)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n    no_scm = true\n")
+    proc = subprocess.run([sys.executable, "-c", RESOLVE, *PROFILES], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graphs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert graphs == {p: sorted(STAGES) for p in PROFILES}
+
+
 def test_use_profile_switches_params_yaml(tmp_path):
     from pipeline.stages.profiles import use_profile
 
