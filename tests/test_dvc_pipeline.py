@@ -239,4 +239,6 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
     changed = _run([str(dvc), "exp", "run", "-S", "train.lr=1e-4"], repo, env)
     assert _ran(changed) == DOWNSTREAM_OF_TRAIN, changed[-2000:]
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == pytest.approx(1e-4)
+    diff = json.loads(_run([str(dvc), "params", "diff", "--json"], repo, env))["params.yaml"]
+    assert list(diff) == ["train.lr"] and diff["train.lr"]["new"] == pytest.approx(1e-4)
     assert json.loads(_run([str(dvc), "status", "--json"], repo, env)) == {}
