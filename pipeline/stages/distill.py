@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
+from pipeline.stages.teacher_logits import check_teacher_geometry
 from pipeline.stages.train import LAYOUTS, TrainConfig
 from pipeline.train.distill import parse_kl_mode
 
@@ -72,14 +73,7 @@ class DistillConfig(TrainConfig):
                 f"kl_weight is 0 with teacher {self.teacher!r} configured: the teacher is ignored and this is plain "
                 f"CE training (the official CEPED config shipped exactly this mistake); set kl_weight: 2 to distil",
                 UserWarning, stacklevel=2)
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: expected a positive number, got {self.temperature}")
-        if self.teacher_context_len < 0:
-            raise ConfigError(f"teacher_context_len: expected an integer >= 0, got {self.teacher_context_len}")
-        if self.decoder_len < 2:
-            raise ConfigError(f"decoder_len: expected an integer >= 2, got {self.decoder_len}")
-        if self.k < 1:
-            raise ConfigError(f"k: expected an integer >= 1, got {self.k}")
+        check_teacher_geometry(self)
         if self.teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher_dtype: expected auto, float32, bfloat16 or float16, got {self.teacher_dtype!r}")
         if self.teacher_mode == "precomputed" and len(self.logits) != len(self.data):

@@ -31,6 +31,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CEPED_LAYOUTS = ("prevdoc", "concat")
 
 
+def check_teacher_geometry(config: Any) -> None:
+    """Checks shared by teacher-logits and distill: top-k, temperature and the window split."""
+    if config.k < 1:
+        raise ConfigError(f"k: expected an integer >= 1, got {config.k}")
+    if not config.temperature > 0:
+        raise ConfigError(f"temperature: expected a positive number, got {config.temperature}")
+    if config.teacher_context_len < 0:
+        raise ConfigError(f"teacher_context_len: expected an integer >= 0, got {config.teacher_context_len}")
+    if config.decoder_len < 2:
+        raise ConfigError(f"decoder_len: expected an integer >= 2, got {config.decoder_len}")
+
+
 @dataclass
 class TeacherLogitsConfig:
     """Where the windows come from, which teacher reads them, and what is kept of its output."""
@@ -50,14 +62,7 @@ class TeacherLogitsConfig:
     progress: bool = field(True, help="Show a progress bar.")
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"k: expected an integer >= 1, got {self.k}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: expected a positive number, got {self.temperature}")
-        if self.teacher_context_len < 0:
-            raise ConfigError(f"teacher_context_len: expected an integer >= 0, got {self.teacher_context_len}")
-        if self.decoder_len < 2:
-            raise ConfigError(f"decoder_len: expected an integer >= 2, got {self.decoder_len}")
+        check_teacher_geometry(self)
         if self.max_windows < 0:
             raise ConfigError(f"max_windows: expected an integer >= 0 (0: all windows), got {self.max_windows}")
         if self.batch_size < 1:
