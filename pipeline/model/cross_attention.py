@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model import absorbed_decode
+
 FORMS = ("auto", "projected", "absorbed")
 
 
@@ -127,7 +129,8 @@ class CepeCrossAttention(nn.Module):
             encoder_padding_mask: (B, S) bool, True for real context tokens; None = all real; or
                 a `KeyMask` built once for all layers (the model does this: building one
                 inspects the mask, a host-device sync).
-            form: force "projected" or "absorbed" (tests, benchmarks); default by `choose_form`.
+            form: force "projected" or "absorbed" (tests, benchmarks), or "absorbed_matmul" (the
+                absorbed form without the fused decode kernel); default by `choose_form`.
         Returns:
             (B, T, D), to be added to the residual stream. Rows whose context is entirely padding
             get exactly zero.
@@ -143,8 +146,8 @@ class CepeCrossAttention(nn.Module):
         key_mask, keep_rows = encoder_padding_mask.key_mask, encoder_padding_mask.keep_rows
 
         chosen = form or self.choose_form(q_len, ctx_len)
-        if chosen == "absorbed":
-            out = self._absorbed(q, phi, key_mask)
+        if chosen in ("absorbed", "absorbed_matmul"):
+            out = self._absorbed(q, phi, key_mask, fused=chosen == "absorbed")
         else:
             out = self._projected(q, phi, key_mask)
         out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)  # (B, T, H*d)
@@ -176,11 +179,13 @@ class CepeCrossAttention(nn.Module):
             del k, v
         return torch.cat(outs, dim=1)  # (B, H, T, d)
 
-    def _absorbed(self, q: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def _absorbed(self, q: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, fused: bool = True) -> torch.Tensor:
         """Same result without projecting the context.
 
         score_h = (q_h W_k,h) . phi_s / sqrt(d);  out_h = (sum_s p_hs phi_s) W_v,h^T
         All heads attend to the one shared phi, so the H*T queries form one "head" of width E.
+        Decoding on a GPU (few queries) runs the one-pass Triton kernel of `absorbed_decode`
+        unless `fused` is False (then two matmuls, reading phi twice).
         """
         bsz, heads, q_len, d = q.shape
         e = self.encoder_hidden_size
@@ -189,7 +194,10 @@ class CepeCrossAttention(nn.Module):
         q_abs = torch.einsum("bhtd,hde->bhte", q, w_k)  # (B, H, T, E)
         q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
         ctx_len = phi.shape[1]
-        if heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
+        if fused and absorbed_decode.usable(q_abs, heads * q_len):
+            mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
+            ctx = absorbed_decode.absorbed_attention(q_abs * self.scaling, phi, mask)  # (B, H*T, E)
+        elif heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
             # Few queries (decoding): two plain matmuls over phi. sdpa has no fused kernel for a
             # head width of E (1024) and its fallback is an order of magnitude slower here.
             scores = torch.matmul(q_abs * self.scaling, phi.transpose(1, 2))  # (B, H*T, S)
