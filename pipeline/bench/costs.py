@@ -158,13 +158,16 @@ def cepe_decode_step_bytes(
     layers: int | None = None,
 ) -> int:
     """Decoder and cross-attention weights, the decoder's own KV cache, and the encoder states:
-    read twice per layer in the absorbed form (scores, then the weighted sum); in the projected
-    form read once, and K, V (H*d wide) written and read back in every layer."""
+    read once per layer in the absorbed form with the fused kernel (`absorbed`), twice as two
+    matmuls (`absorbed_matmul`: scores, then the weighted sum); in the projected form read once,
+    and K, V (H*d wide) written and read back in every layer."""
     n = dec.layers if layers is None else layers
     weights = _decoder_weight_bytes(dec, dtype_bytes) + dtype_bytes * cross_attention_params(dec, enc, n)
     kv = batch * decoder_tokens * full_bytes_per_token(dec, dtype_bytes)
     phi = batch * ctx_len * enc.hidden * dtype_bytes
     if form == "absorbed":
+        context = n * phi
+    elif form == "absorbed_matmul":
         context = n * 2 * phi
     else:
         kv_ctx = batch * ctx_len * 2 * dec.heads * dec.head_dim * dtype_bytes

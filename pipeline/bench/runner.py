@@ -147,6 +147,7 @@ class Runner:
             side = Cepe(
                 self.decoder_config, self.encoder_config, self.device, self.dtype,
                 cross_attn_form=cfg.cross_attn_form, encoder_chunk_batch=cfg.encoder_chunk_batch or None,
+                compile_encoder=cfg.compile_encoder,
             )
         self.say(f"built {name}: {side.weight_bytes / GB:.2f} GB of weights in {time.perf_counter() - start:.1f} s")
         return side
@@ -277,7 +278,7 @@ class Runner:
         start = prefill.start + cfg.plain_steps
         room = self._static_room(cfg.gen_tokens)
         if side.name == "cepe" and cfg.form_steps:
-            room += 2 * (DECODE_WARMUP + cfg.form_steps)
+            room += 3 * (DECODE_WARMUP + cfg.form_steps)
         static = decode.to_static(prefill.cache, side.cache_config, start + room + 8)
         prefill.cache = None
         first = plain.tokens[:, -1:]
@@ -285,7 +286,8 @@ class Runner:
         if side.name == "cepe" and cfg.form_steps:
             forms = {}
             impl = loops["static"]["attn_implementation"]
-            for form in ("projected", "absorbed"):
+            # With the fused kernel available, also time the absorbed form as two matmuls.
+            for form in ("projected", "absorbed") + (("absorbed_matmul",) if side.fused_decode() else ()):
                 position = int(static.layers[0].cumulative_length)
                 kwargs = dict(prefill.step_kwargs, cross_attn_form=form)
                 forms[form] = self._static_loop(side, static, first, position, cfg.form_steps, kwargs, impl)

@@ -109,7 +109,8 @@ class Cepe:
     name = "cepe"
 
     def __init__(self, decoder_config: Any, encoder_config: Any, device: torch.device, dtype: torch.dtype,
-                 cross_attn_form: str = "auto", encoder_chunk_batch: int | None = None):
+                 cross_attn_form: str = "auto", encoder_chunk_batch: int | None = None,
+                 compile_encoder: bool = False):
         from transformers import AutoModelForCausalLM
 
         from pipeline.model import CepeEncoder, CepeForCausalLM
@@ -123,6 +124,8 @@ class Cepe:
                 decoder, encoder=encoder, init_mode="copy", cross_attn_form=cross_attn_form
             ).eval()
         self.model.config.encoder_chunk_batch_size = encoder_chunk_batch
+        if compile_encoder:
+            self.model.encoder.compile_layers()
         self.device, self.dtype = device, dtype
         self.cache_config = self.model.decoder.config
         self.shape = costs.Shape.of(self.model.decoder.config)
@@ -143,6 +146,13 @@ class Cepe:
     def form(self, queries: int, context: int) -> str:
         """The cross-attention form the model picks for this many queries over this context."""
         return self._cross.choose_form(queries, context)
+
+    def fused_decode(self, batch: int = 1) -> bool:
+        """Whether a decode step's absorbed cross-attention runs the one-pass kernel here."""
+        from pipeline.model import absorbed_decode
+
+        probe = torch.empty(batch, 1, 1, device=self.device)
+        return absorbed_decode.usable(probe, self._cross.num_heads)
 
     def start(self, split: Split) -> int:
         return split.decoder_tokens
@@ -192,6 +202,8 @@ class Cepe:
 
     def decode_floor_bytes(self, split: Split, batch: int) -> int:
         form = self.form(1, split.context_tokens)
+        if form == "absorbed" and not self.fused_decode(batch):
+            form = "absorbed_matmul"  # no fused kernel here: the states are read twice per layer
         return costs.cepe_decode_step_bytes(
             self.shape, self.encoder_shape, split.decoder_tokens, split.context_tokens, form, batch,
             self.dtype_bytes, self.cross_layers,

@@ -38,6 +38,7 @@ class BenchConfig:
     decode_attention: Literal["auto", "sdpa", "eager"] = field("auto", help="Decoder self-attention in the static-cache loop (a masked step: sdpa's fallback kernel or eager matmuls); auto = probe both, keep the faster")
     cross_attn_form: Literal["auto", "projected", "absorbed"] = field("auto", help="CEPE cross-attention form (auto: chosen per call by query count and context length)")
     encoder_chunk_batch: int = field(64, help="Chunks per encoder forward (bounds activation memory); 0 = all at once")
+    compile_encoder: bool = field(False, help="torch.compile CEPE's encoder layers (fused norms, rotary and SwiGLU; compiled once, before the timed runs); decoders stay eager on both sides")
     cuda_graph: bool = field(True, help="Replay the static-cache decode step as a CUDA graph (CUDA only)")
     sides: list[str] = field(default_factory=lambda: ["full", "cepe"], help="Which sides to measure: full, cepe")
     time_budget_s: float = field(480.0, help="Start no new measurement after this many seconds (0 = no limit); skipped ones are marked")
