@@ -53,9 +53,13 @@ def test_combine_merges_context_ranges_exactly(splits):
     torch.testing.assert_close(out, reference(q, phi, mask), rtol=1e-9, atol=1e-9)
 
 
-def test_kernel_is_not_used_where_it_cannot_apply():
+def test_kernel_is_not_used_where_it_cannot_apply(monkeypatch):
     q = torch.randn(1, 32, 64)
-    assert not absorbed_decode.usable(q, 32) or os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensor
+    monkeypatch.delenv("CEPE_FUSED_DECODE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not absorbed_decode.usable(q, 32)  # opt-in, and a CPU tensor
+    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
+    assert not absorbed_decode.usable(q, 32)  # CPU tensor
     assert not absorbed_decode.usable(q, absorbed_decode.MAX_QUERIES + 1)
     with torch.enable_grad():
         assert not absorbed_decode.usable(q.requires_grad_(), 32)  # no backward in the kernel
@@ -84,7 +88,7 @@ INTERPRETED = textwrap.dedent(
 
 @pytest.mark.skipif(not absorbed_decode.triton_available(), reason="Triton not installed")
 def test_kernel_under_triton_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", CEPE_FUSED_DECODE="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
@@ -98,7 +102,8 @@ needs_gpu = pytest.mark.skipif(
 @needs_gpu
 @pytest.mark.parametrize("enc_width", [1024, 576])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_decode_equals_matmul_path_on_gpu(enc_width, padded):
+def test_fused_decode_equals_matmul_path_on_gpu(enc_width, padded, monkeypatch):
+    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     norm = torch.nn.RMSNorm(512, eps=1e-5)

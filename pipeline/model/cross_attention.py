@@ -77,7 +77,7 @@ class CepeCrossAttention(nn.Module):
     # this many bytes: at 124K context K and V of all 32 heads are 2 GB in bf16, the largest
     # allocation of a CEPE prefill (it decides the whole-process peak). Heads are independent,
     # so the result is the same.
-    PROJECTED_KV_MAX_BYTES = 512 * 1024 * 1024
+    PROJECTED_KV_MAX_BYTES = 256 * 1024 * 1024
 
     def __init__(
         self,
@@ -184,8 +184,8 @@ class CepeCrossAttention(nn.Module):
 
         score_h = (q_h W_k,h) . phi_s / sqrt(d);  out_h = (sum_s p_hs phi_s) W_v,h^T
         All heads attend to the one shared phi, so the H*T queries form one "head" of width E.
-        Decoding on a GPU (few queries) runs the one-pass Triton kernel of `absorbed_decode`
-        unless `fused` is False (then two matmuls, reading phi twice).
+        With `CEPE_FUSED_DECODE=1`, decoding on a GPU (few queries) runs the one-pass Triton
+        kernel of `absorbed_decode` unless `fused` is False; otherwise two matmuls (phi read twice).
         """
         bsz, heads, q_len, d = q.shape
         e = self.encoder_hidden_size
