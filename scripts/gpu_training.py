@@ -16,7 +16,15 @@ One command runs the whole experiment and writes `docs/results/training.md` and 
    the time budget: a short probe run measures the step time and sets `max_steps`;
 3. on the held-out windows, perplexity of the last 256 tokens three ways on the same tokens:
    the decoder alone on its 512-token window; CEPE with the preceding 2048 tokens in its encoder;
-   the decoder reading context + window (2560 tokens) itself: the ceiling;
+   the decoder reading context + window (2560 tokens) itself: the ceiling. Plus a control: each
+   trained CEPE model with its encoder reading the context of another held-out window from another
+   document (`CONTROL_RULES`: row j takes the context of the first held-out window at or after
+   row j + N/2 from the same source whose documents are disjoint from row j's, else from another
+   source), and the same with the context taken from another source first.
+   ppl(mismatched) - ppl(with context) is the gain from the context; ppl(decoder alone) -
+   ppl(mismatched) is what the new weights gain without it (domain adaptation); both with 95%
+   intervals from resampling the windows. Scored: the first `--val-windows` held-out windows
+   (sources in turn); contexts may come from any of the first `--control-pool`;
 4. throughput (tokens/s, decoder tokens/s, MFU from an analytic FLOP count) and peak memory.
 
 Run from the repository root with torch, transformers, accelerate, pyarrow, pyyaml (no install):
@@ -31,8 +39,12 @@ Scaling (the main stage on 2 GPUs through accelerate launch; each run appends to
 `<out>/scale.json`, and the last writes the scaling section of the results):
 
     PYTHONPATH=. python scripts/gpu_training.py --mode scale --decoder models/decoder --scale-steps 300
-    PYTHONPATH=. accelerate launch --num_processes 2 --multi_gpu scripts/gpu_training.py \\
-        --mode scale --decoder models/decoder --scale-steps 300
+    PYTHONPATH=. accelerate launch --num_processes 2 --multi_gpu --num_machines 1 --mixed_precision bf16 \\
+        --dynamo_backend no scripts/gpu_training.py --mode scale --decoder models/decoder --scale-steps 300
+
+The scale runs reuse the run mode's concat windows when `--out` holds them for the same decoder,
+geometry and sources. `scripts/gpu_issue4.sh` runs both modes (two encoders, then 1 and 2 GPUs)
+in one command.
 """
 
 from __future__ import annotations
@@ -78,10 +90,13 @@ def find_data_dir(given: str | None) -> Path:
     sys.exit("no corpus found: pass --data-dir with *.jsonl.gz files ({id, text} per line)")
 
 
-def token_streams(tok: Any, data_dir: Path, sources: list[str], max_tokens: int) -> tuple[dict, dict]:
+def token_streams(tok: Any, data_dir: Path, sources: list[str], max_tokens: int,
+                  docs_out: dict | None = None) -> tuple[dict, dict]:
     """({source: train stream}, {source: held-out stream}), int32, BOS + ids + EOS per document.
 
     Held out: documents 3, 11, 19, ... (every 8th, in id order) of a source with >= 4 documents.
+    `docs_out`, if given, receives `{"train"|"validation": {source: (starts, doc_indices)}}`: where
+    each document starts in its stream and its index in the source's id order (`doc_spans`).
     """
     train, held = {}, {}
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -103,16 +118,23 @@ def token_streams(tok: Any, data_dir: Path, sources: list[str], max_tokens: int)
         ids_kept = tok([docs[i]["text"] for i in keep], add_special_tokens=False)["input_ids"]
         ids = {i: x for i, x in zip(keep, ids_kept)}
         parts_t, parts_h, total = [], [], 0
+        index_t, index_h = [], []
         for i, x in sorted(ids.items()):
             seq = np.asarray(bos + x + eos, dtype=np.int32)
             if len(docs) >= 4 and i % 8 == 3:
                 parts_h.append(seq)
+                index_h.append(i)
             elif total < max_tokens:
                 parts_t.append(seq)
+                index_t.append(i)
                 total += len(seq)
         train[name] = np.concatenate(parts_t) if parts_t else np.zeros(0, np.int32)
         if parts_h:
             held[name] = np.concatenate(parts_h)
+        if docs_out is not None:
+            for split, parts, index in (("train", parts_t, index_t), ("validation", parts_h, index_h)):
+                starts = np.cumsum([0] + [len(x) for x in parts[:-1]]) if parts else np.zeros(0, np.int64)
+                docs_out.setdefault(split, {})[name] = (np.asarray(starts, np.int64), np.asarray(index, np.int64))
         log(f"{name}: {len(train[name]):,} train tokens, {len(held.get(name, [])):,} held-out tokens")
     return train, held
 
@@ -130,9 +152,31 @@ def _round_robin(per_source: dict[str, np.ndarray], limit: int | None) -> list[t
     return out[:limit] if limit is not None else out
 
 
+def doc_span(starts: np.ndarray, index: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """(first, last) document index (in the source's id order) that tokens [lo, hi) of a stream touch."""
+    a = int(np.searchsorted(starts, lo, side="right")) - 1
+    b = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+    return int(index[max(a, 0)]), int(index[max(b, 0)])
+
+
+def parse_doc_span(doc_id: str) -> tuple[int, int] | None:
+    """The `docsA-B` part of a doc_id written by `write_shards` (None for other ids)."""
+    last = doc_id.rsplit(":", 1)[-1]
+    if not last.startswith("docs"):
+        return None
+    a, _, b = last[4:].partition("-")
+    return int(a), int(b)
+
+
 def write_shards(root: Path, layout: str, streams_by_split: dict[str, dict[str, np.ndarray]], *, decoder_len: int,
-                 n_chunks: int, chunk_len: int, tok_info: dict, limits: dict[str, int | None]) -> Path:
-    """Cut `layout` windows from each split's streams and write a shard directory (project format)."""
+                 n_chunks: int, chunk_len: int, tok_info: dict, limits: dict[str, int | None],
+                 docs: dict | None = None, extra: dict | None = None) -> Path:
+    """Cut `layout` windows from each split's streams and write a shard directory (project format).
+
+    Row ids are `source:split:window` plus, when `docs` (from `token_streams(docs_out=)`) knows
+    the split's document boundaries, `:docsA-B`: the first and last document the whole window
+    (context and decoder tokens) touches, as indices in the source's id order.
+    """
     from pipeline.data.layouts import sliding_windows
     from pipeline.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, fingerprint
 
@@ -145,21 +189,27 @@ def write_shards(root: Path, layout: str, streams_by_split: dict[str, dict[str, 
         windows = {name: sliding_windows(s, window, decoder_len) for name, s in streams.items()}
         order = _round_robin(windows, limits.get(split))
         writer = ShardWriter(root, split, decoder_len, e or None, rows_per_shard=1 << 30, batch_rows=1024)
+        spans = (docs or {}).get(split, {})
         for name, i in order:
             w = windows[name][i]
+            row_id = f"{name}:{split}:{i}"
+            if name in spans and len(spans[name][0]):
+                a, b = doc_span(*spans[name], i * decoder_len, i * decoder_len + window)
+                row_id += f":docs{a}-{b}"
             if layout == "concat":
                 enc, dec = w[:e], w[e:]
             elif layout == "duplicate":
                 enc, dec = w, w
             else:
                 enc, dec = None, w
-            writer.add(dec, enc, name, layout, f"{name}:{split}:{i}")
+            writer.add(dec, enc, name, layout, row_id)
         shards[split] = writer.close()
         splits[split] = {"rows": len(order), "shards": shards[split]}
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "file_format": "arrow-ipc-file", "layout": layout,
                 "decoder_len": decoder_len, "n_chunks": 0 if layout == "mlm" else n_chunks,
                 "chunk_len": 0 if layout == "mlm" else chunk_len, "encoder_len": e, "input_width": decoder_len,
-                "encoder_width": e, "tokenizer": tok_info, "splits": splits, "fingerprint": fingerprint(shards)}
+                "encoder_width": e, "tokenizer": tok_info, "splits": splits, "fingerprint": fingerprint(shards),
+                **(extra or {})}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     counts = ", ".join(f"{k} {v['rows']}" for k, v in splits.items())
     log(f"{root}: {counts} {layout} windows")
@@ -168,19 +218,23 @@ def write_shards(root: Path, layout: str, streams_by_split: dict[str, dict[str, 
 
 def prepare_data(args: argparse.Namespace, tok: Any, out: Path) -> dict[str, Path]:
     data_dir = find_data_dir(args.data_dir)
-    train, held = token_streams(tok, data_dir, args.sources.split(","), args.max_tokens_per_source)
+    docs: dict = {}
+    train, held = token_streams(tok, data_dir, args.sources.split(","), args.max_tokens_per_source, docs_out=docs)
     info = {"name": str(args.decoder), "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     both = {"train": train, "validation": held}
     n, L = args.n_chunks, args.chunk_len
+    origin = {"data_dir": str(data_dir.resolve()), "sources": args.sources,
+              "max_tokens_per_source": args.max_tokens_per_source}
     return {
         "data_dir": data_dir,
         "concat": write_shards(out / "shards" / "concat", "concat", both, decoder_len=args.decoder_len, n_chunks=n,
-                               chunk_len=L, tok_info=info, limits={"validation": args.val_windows}),
+                               chunk_len=L, tok_info=info, docs=docs, extra=origin,
+                               limits={"validation": max(args.control_pool, args.val_windows) if args.control_pool else None}),
         "duplicate": write_shards(out / "shards" / "duplicate", "duplicate", both, decoder_len=256, n_chunks=4,
-                                  chunk_len=64, tok_info=info, limits={"validation": 64}),
+                                  chunk_len=64, tok_info=info, limits={"validation": 64}, docs=docs),
         "mlm": write_shards(out / "shards" / "mlm", "mlm", both, decoder_len=512, n_chunks=0, chunk_len=0,
-                            tok_info=info, limits={"validation": 64}),
+                            tok_info=info, limits={"validation": 64}, docs=docs),
     }
 
 
@@ -266,30 +320,165 @@ class CeilingCollator:
         return collate_lm(joined, eval_last=self.eval_last)
 
 
-def three_way(decoder_dir: Path, cepe_dirs: dict[str, Path], val: Any, eval_last: int, batch: int) -> dict[str, Any]:
+CONTROL_RULES = {
+    "same_source": (
+        "each scored window keeps its own decoder tokens, but its encoder reads the context of another held-out "
+        "window (any of the N held-out windows written, scored or not: --control-pool, sources in turn) from a "
+        "different document: starting half of them away (row j -> row j + N/2, cyclically) and taking the first "
+        "window of the same source "
+        "whose documents (context and decoder tokens) are disjoint from row j's, so that only the document "
+        "differs, not the domain; where the source has no such window (a single held-out document), the first "
+        "window of another source; failing both, the first window of the same source sharing no tokens"),
+    "other_source": (
+        "as above, but taking the first window of a different source (another document and another domain); "
+        "failing that, one of the same source with disjoint documents"),
+}
+CONTROL_RULE = CONTROL_RULES["same_source"]
+
+
+def mismatched_partners(rows: list[tuple[str, str]], n_eval: int, min_gap: int,
+                        prefer: str = "same_source") -> tuple[list[int], dict[str, int]]:
+    """For each of the first `n_eval` held-out windows, the window whose encoder context it reads in the control.
+
+    Args:
+        rows: (source, doc_id) of every held-out row, in order (doc_id as `write_shards` writes it);
+            the first `n_eval` are the scored windows, any row may give its context.
+        min_gap: windows of one source this many windows apart share no tokens.
+        prefer: "same_source" (another document of the same source first) or "other_source".
+
+    Returns: (partner row of each scored row, counts of pairs by kind: same_source_other_document,
+    other_source, same_source_apart (no shared tokens, maybe a shared document)). The rules are
+    `CONTROL_RULES`.
+    """
+    n = len(rows)
+    if n < 2:
+        raise ValueError("the mismatched-context control needs at least 2 held-out windows")
+    spans = [parse_doc_span(d) for _, d in rows]
+    index = [int(d.split(":")[2]) if d.count(":") >= 2 and d.split(":")[2].isdigit() else None for _, d in rows]
+
+    def disjoint(j: int, k: int) -> bool:
+        if spans[j] is None or spans[k] is None:
+            return False
+        return spans[j][1] < spans[k][0] or spans[k][1] < spans[j][0]
+
+    def apart(j: int, k: int) -> bool:
+        return (rows[k][0] == rows[j][0] and index[j] is not None and index[k] is not None
+                and abs(index[j] - index[k]) >= min_gap)
+
+    same = ("same_source_other_document", lambda j, k: rows[k][0] == rows[j][0] and disjoint(j, k))
+    other = ("other_source", lambda j, k: rows[k][0] != rows[j][0])
+    tests = ((same, other) if prefer == "same_source" else (other, same)) + (("same_source_apart", apart),)
+    partners, counts = [], {kind: 0 for kind, _ in tests}
+    for j in range(min(n_eval, n)):
+        for kind, ok in tests:
+            k = next((k for k in ((j + n // 2 + s) % n for s in range(n)) if k != j and ok(j, k)), None)
+            if k is not None:
+                partners.append(k)
+                counts[kind] += 1
+                break
+        else:
+            raise ValueError(f"no window to take a mismatched context from for held-out row {j} ({rows[j][1]})")
+    return partners, counts
+
+
+class Head:
+    """The first `n` rows of a dataset (the scored held-out windows)."""
+
+    def __init__(self, dataset: Any, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset)) if n else len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.dataset[index]
+
+
+class MismatchedContext:
+    """Rows 0..len(partners)-1 of `dataset`, each with the encoder input (and mask, if any) of row `partners[i]`."""
+
+    def __init__(self, dataset: Any, partners: list[int]):
+        self.dataset, self.partners = dataset, partners
+
+    def __len__(self) -> int:
+        return len(self.partners)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.dataset[index])
+        other = self.dataset[self.partners[index]]
+        example["encoder_input_ids"] = other["encoder_input_ids"]
+        example.pop("encoder_attention_mask", None)
+        if "encoder_attention_mask" in other:
+            example["encoder_attention_mask"] = other["encoder_attention_mask"]
+        return example
+
+
+class WindowNll:
+    """`eval_last_tokens_nll` that also keeps each window's (NLL sum, scored tokens), in order."""
+
+    def __init__(self) -> None:
+        self.nll: list[float] = []
+        self.tokens: list[float] = []
+
+    def __call__(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from pipeline.train.losses import IGNORE_INDEX, causal_nll, model_inputs
+
+        labels = batch["labels"]
+        scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(scored.min()) if scored.numel() else labels.shape[1] - 1
+        logits = model(**model_inputs(batch), logits_to_keep=min(labels.shape[1] - first + 1, labels.shape[1])).logits
+        rows = [causal_nll(logits[r:r + 1], labels[r:r + 1]) for r in range(labels.shape[0])]
+        nll, count = torch.stack([x[0] for x in rows]), torch.stack([x[1] for x in rows])
+        self.nll += nll.double().tolist()
+        self.tokens += count.double().tolist()
+        return nll.sum(), count.sum()
+
+
+def ppl_difference_ci(a: tuple[list, list], b: tuple[list, list], draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of ppl(a) - ppl(b) over held-out windows resampled with replacement (paired)."""
+    (na, ta), (nb, tb) = (np.asarray(x, np.float64) for x in a), (np.asarray(x, np.float64) for x in b)
+    idx = np.random.default_rng(seed).integers(0, len(na), size=(draws, len(na)))
+    diff = np.exp(na[idx].sum(1) / ta[idx].sum(1)) - np.exp(nb[idx].sum(1) / tb[idx].sum(1))
+    return [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+
+
+def three_way(decoder_dir: Path, cepe_dirs: dict[str, Path], val: Any, eval_last: int, batch: int,
+              mismatched: dict[str, Any] | None = None,
+              controls: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """Perplexity of the last `eval_last` tokens of each held-out window: the decoder alone, the
+    ceiling, each CEPE model in `cepe_dirs`, and (controls) each model named in `controls` on each
+    dataset of `mismatched` ({prefix: dataset}; key `cepe_X` -> `<prefix>_X`).
+    Returns (metrics, {key: (window NLLs, tokens)})."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.model import CepeForCausalLM
     from pipeline.train.collate import LmCollator
     from pipeline.train.loop import evaluate_nll
-    from pipeline.train.losses import eval_last_tokens_nll
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     out: dict[str, Any] = {}
+    windows: dict[str, tuple] = {}
+
+    def score(key: str, model: Any, data: Any, collate: Any, size: int) -> None:
+        rec = WindowNll()
+        out[key] = evaluate_nll(model, data, collate, rec, batch_size=size, device=dev)
+        windows[key] = (rec.nll, rec.tokens)
+
     decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(dev).eval()
-    kw = dict(batch_size=batch, device=dev)
-    out["decoder_only"] = evaluate_nll(decoder, val, LmCollator(eval_last=eval_last, use_encoder=False),
-                                       eval_last_tokens_nll, **kw)
-    out["ceiling"] = evaluate_nll(decoder, val, CeilingCollator(eval_last), eval_last_tokens_nll,
-                                  batch_size=max(batch // 4, 1), device=dev)
+    score("decoder_only", decoder, val, LmCollator(eval_last=eval_last, use_encoder=False), batch)
+    score("ceiling", decoder, val, CeilingCollator(eval_last), max(batch // 4, 1))
     del decoder
     for name, path in cepe_dirs.items():
         model = CepeForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
-        out[name] = evaluate_nll(model, val, LmCollator(eval_last=eval_last), eval_last_tokens_nll, **kw)
+        score(name, model, val, LmCollator(eval_last=eval_last), batch)
+        for prefix, data in (mismatched or {}).items() if name in controls else ():
+            score(name.replace("cepe_", f"{prefix}_", 1), model, data, LmCollator(eval_last=eval_last), batch)
         del model
         torch.cuda.empty_cache() if dev.type == "cuda" else None
-    return out
+    return out, windows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,12 +552,38 @@ def main_run(args: argparse.Namespace) -> None:
     for v in variants:
         log(f"variant {v}: {budget:.0f} s of training")
         results[v] = run_variant(v, args, data, out, budget)
-    val = ShardDataset(data["concat"], "validation")
+    held = ShardDataset(data["concat"], "validation")  # every held-out window, sources in turn
+    val = Head(held, args.val_windows)  # the scored ones: the first --val-windows, as the stages validate on
+    rows = [(held[i]["domain"], held[i]["doc_id"]) for i in range(len(held))]
+    min_gap = -(-(args.n_chunks * args.chunk_len + args.decoder_len) // args.decoder_len)
+    control: dict[str, Any] = {"rule": CONTROL_RULE, "other_source_rule": CONTROL_RULES["other_source"],
+                               "held_out_windows_available": len(held)}
+    mismatched = {}
+    for prefix, prefer in (("mismatched", "same_source"), ("othersource", "other_source")):
+        partners, kinds = mismatched_partners(rows, len(val), min_gap, prefer)
+        mismatched[prefix] = MismatchedContext(held, partners)
+        key = "pairs" if prefix == "mismatched" else "other_source_pairs"
+        control[key] = kinds
+        log(f"control ({prefer}) pairs: {kinds}")
+        if prefix == "mismatched":
+            control["examples"] = [{"window": rows[j][1], "context_from": rows[k][1]} for j, k in enumerate(partners[:8])]
     cepe_dirs = {f"cepe_{v}": out / v / "train" / "model" for v in variants}
     cepe_dirs.update({f"warmup_{v}": out / v / "warmup" / "model" for v in variants})
-    log(f"three-way comparison on {len(val)} held-out windows")
-    ppl = three_way(Path(args.decoder), cepe_dirs, val, min(256, args.decoder_len - 1), args.eval_batch)
-    write_results(args, results, ppl, data, time.time() - t_start, len(val))
+    log(f"three-way comparison (and the mismatched-context controls) on {len(val)} held-out windows")
+    ppl, windows = three_way(Path(args.decoder), cepe_dirs, val, min(256, args.decoder_len - 1), args.eval_batch,
+                             mismatched=mismatched, controls=tuple(f"cepe_{v}" for v in variants))
+    (out / "per_window_nll.json").write_text(json.dumps(
+        {"rows": [d for _, d in rows[:len(val)]],
+         "context_from": {k: [rows[i][1] for i in d.partners] for k, d in mismatched.items()},
+         "nll": {k: v[0] for k, v in windows.items()}, "tokens": windows["decoder_only"][1]}) + "\n")
+    alone = windows["decoder_only"]
+    control["decoder_context_gain_ci95"] = ppl_difference_ci(alone, windows["ceiling"])
+    for v in variants:
+        cepe, mis, oth = windows[f"cepe_{v}"], windows[f"mismatched_{v}"], windows[f"othersource_{v}"]
+        control[v] = {"gain_from_context_ci95": ppl_difference_ci(mis, cepe),
+                      "domain_adaptation_ci95": ppl_difference_ci(alone, mis),
+                      "context_domain_cue_ci95": ppl_difference_ci(oth, mis)}
+    write_results(args, results, ppl, data, time.time() - t_start, len(val), control)
 
 
 def decoder_label(path: Path) -> str:
@@ -385,20 +600,171 @@ def pick(d: dict, *keys: str) -> dict:
     return {k: d.get(k) for k in keys}
 
 
-def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict, seconds: float, n_val: int) -> None:
+KNOWN_ENCODERS = ("decoder-layers", "mlm")
+
+
+def _amount(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 100 else f"{n:.0f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" [95% interval over resampled windows: {ci[0]:+.2f} to {ci[1]:+.2f}]" if ci else ""
+
+
+def _sign(ci: list[float] | None, value: float) -> int:
+    """+1 / -1 when the 95% interval (else the value itself) lies above / below zero, 0 when it holds 0."""
+    lo, hi = ci if ci else (value, value)
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def reading_section(args: argparse.Namespace, results: dict, ppl: dict, control: dict, summary: dict) -> list[str]:
+    """'Reading these numbers', written from the numbers: no claim here is fixed in advance."""
+    alone, ceiling = ppl["decoder_only"]["val_ppl"], ppl["ceiling"]["val_ppl"]
+    best = summary["best_encoder"]
+    cepe = ppl[f"cepe_{best}"]["val_ppl"]
+    e_tokens = args.n_chunks * args.chunk_len
+    tokens = summary["scored_tokens"]
+    dgain = alone - ceiling
+    dci = control.get("decoder_context_gain_ci95")
+    out = ["## Reading these numbers", "",
+           "(Generated from the numbers above. Differences are in perplexity; they add up: "
+           "decoder alone - with context = (decoder alone - mismatched) + (mismatched - with context), "
+           "where \"mismatched\" is the row \"context from another document\".)", ""]
+    pairs = control.get("pairs") or {}
+    if pairs and not pairs.get("same_source_other_document"):
+        out.append("- No scored window's source had a held-out window from another document, so the control took "
+                   "every context from another source: both control rows use the same pairs and mix a change of "
+                   "document with a change of domain.")
+    w = results[best]["warmup"]
+    verb = "falls" if w["loss"] < w["loss_first"] else "does not fall"
+    if cepe < alone:
+        head = f"- **CEPE ({best}) beats the decoder alone** ({alone:.2f} -> {cepe:.2f} on the same {tokens:,} held-out tokens)"
+    else:
+        head = f"- **CEPE ({best}) does not beat the decoder alone** ({alone:.2f} vs {cepe:.2f} on the same {tokens:,} held-out tokens)"
+    out.append(f"{head}; the warm-up's copy loss {verb} from {w['loss_first']:.3f} to {w['loss']:.3f} in {w['steps']} steps.")
+    if dgain > 0:
+        line = (f"- The frozen decoder gains {dgain:.2f} ppl by reading the {e_tokens} context tokens itself "
+                f"(ceiling {ceiling:.2f}){_ci(dci)}.")
+    else:
+        line = (f"- The frozen decoder does not gain from reading the {e_tokens} context tokens itself "
+                f"(ceiling {ceiling:.2f} vs {alone:.2f} alone){_ci(dci)}.")
+    if cepe < ceiling:
+        pc = results[best]["params"]
+        line += (f" CEPE lands **below** this ceiling ({cepe:.2f} < {ceiling:.2f})"
+                 + (", so the gap-closed figure is no measure of context use" if dgain > 0 else "")
+                 + ": the ceiling is the frozen decoder, while CEPE adds "
+                 f"{_amount(pc['trainable'])} trainable parameters (cross-attention {_amount(pc['cross_attention'])}, "
+                 f"encoder {_amount(pc['encoder'])}) trained on {_amount(results[best]['train'].get('tokens_seen') or 0)} "
+                 "tokens (main stage, decoder + encoder) of the same sources as the held-out documents, which can "
+                 "fit their domain without reading the context. The control below separates context use from that.")
+    else:
+        line += f" CEPE stays above it ({cepe:.2f} >= {ceiling:.2f})."
+    out.append(line)
+    for v in results:
+        c = ppl[f"cepe_{v}"]["val_ppl"]
+        m = ppl[f"mismatched_{v}"]["val_ppl"]
+        gc, da = m - c, alone - m
+        cv = control.get(v, {})
+        gci, dci_v = cv.get("gain_from_context_ci95"), cv.get("domain_adaptation_ci95")
+        total = alone - c
+        line = (f"- **Control ({v})**: with the context of another document CEPE scores {m:.2f} (with its own context "
+                f"{c:.2f}, decoder alone {alone:.2f}). Gain from context = mismatched - with context = "
+                f"**{gc:+.2f}**{_ci(gci)}; domain adaptation = decoder alone - mismatched = **{da:+.2f}**{_ci(dci_v)}.")
+        if total > 0 and 0 <= gc <= total:
+            line += (f" Of CEPE's {total:.2f} ppl gain over the decoder alone, {100 * gc / total:.0f}% comes from the "
+                     f"right context and {100 * da / total:.0f}% remains with another document's context.")
+        sg, sd = _sign(gci, gc), _sign(dci_v, da)
+        line += {1: " This document's context beats another document's: CEPE uses it.",
+                 0: " This document's context is no better than another document's within resampling noise: "
+                    "this run shows no measurable use of the context.",
+                 -1: " This document's context scores worse than another document's."}[sg]
+        line += {1: " CEPE beats the decoder alone even with another document's context: that part of its gain "
+                    "does not come from reading this document.",
+                 0: " With another document's context CEPE is no better than the decoder alone within noise: "
+                    "its gain over the decoder needs this document's context.",
+                 -1: " With another document's context CEPE is worse than the decoder alone."}[sd]
+        if dgain > 0 and gc > 0:
+            line += (f" For scale: the frozen decoder reading the context itself gains {dgain:.2f}; CEPE's gain from "
+                     f"context is {100 * gc / dgain:.0f}% of that.")
+        o = ppl.get(f"othersource_{v}", {}).get("val_ppl")
+        if o is not None:
+            cue, cci = o - m, cv.get("context_domain_cue_ci95")
+            line += (f" With a context from another source (neither document nor domain shared) it scores {o:.2f}, "
+                     f"{alone - o:+.2f} against the decoder alone: what the new weights give without a related "
+                     f"context. A context from the window's own source but another document is worth {cue:+.2f}"
+                     f"{_ci(cci)} over another source's")
+            line += {1: ": part of what CEPE takes from a context is which domain it is in.",
+                     0: ", within resampling noise.",
+                     -1: "; the other-source context scores better."}[_sign(cci, cue)]
+        out.append(line)
+    if len(results) > 1:
+        out.append("- Encoders compared: " + "; ".join(
+            f"{v}: with context {ppl[f'cepe_{v}']['val_ppl']:.2f}, mismatched {ppl[f'mismatched_{v}']['val_ppl']:.2f}, "
+            f"gain from context {ppl[f'mismatched_{v}']['val_ppl'] - ppl[f'cepe_{v}']['val_ppl']:+.2f}" for v in results)
+            + f". Lowest ppl with context: {best}. Each variant had {args.budget_s / len(results):.0f} s of training "
+            "(the mlm variant spends part of it pretraining its encoder).")
+    missing = [v for v in KNOWN_ENCODERS if v not in results]
+    if missing:
+        out.append(f"- Not trained in this run: the {', '.join(missing)} encoder variant(s) (`--encoders`).")
+    return out
+
+
+def scaling_section(res_dir: Path) -> list[str]:
+    """A short account of the scaling runs found in `res_dir` (written by `--mode scale`)."""
+    path = res_dir / "training_scaling.json"
+    out = ["## Scaling", ""]
+    if not path.is_file():
+        return out + [f"No scaling results in `{res_dir}` when this was written (`--mode scale`, 1 and 2 processes, "
+                      "writes `training_scaling.md`)."]
+    table = {int(k): r for k, r in json.loads(path.read_text()).items()}
+    parts = [f"{n} process{'es' if n > 1 else ''}: {r['tokens_per_s']:,.0f} tokens/s"
+             + (f" (speedup {r['speedup']:.2f}, efficiency {100 * r['efficiency']:.0f}%)" if r.get("speedup") and n > 1 else "")
+             for n, r in sorted(table.items())]
+    line = "Main stage, `--mode scale` (`training_scaling.md`): " + "; ".join(parts) + "."
+    if 1 not in table or len(table) < 2:
+        line += " Only " + " and ".join(str(n) for n in sorted(table)) + "-process run(s) completed: no comparison."
+    return out + [line]
+
+
+def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict, seconds: float, n_val: int,
+                  control: dict | None = None) -> None:
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
+    control = control or {}
     scored = min(256, args.decoder_len - 1)
+    e_tokens = args.n_chunks * args.chunk_len
     best = min(results, key=lambda v: ppl[f"cepe_{v}"]["val_ppl"])
     r = results[best]
     alone, ceiling = ppl["decoder_only"]["val_ppl"], ppl["ceiling"]["val_ppl"]
     cepe = ppl[f"cepe_{best}"]["val_ppl"]
+    mis = ppl.get(f"mismatched_{best}", {}).get("val_ppl")
     closed = (alone - cepe) / (alone - ceiling) if alone != ceiling else float("nan")
+
+    def variant(v: str, x: dict) -> dict:
+        c, m = ppl[f"cepe_{v}"]["val_ppl"], ppl.get(f"mismatched_{v}", {}).get("val_ppl")
+        o = ppl.get(f"othersource_{v}", {}).get("val_ppl")
+        return {"val_ppl_with_context": c, "val_ppl_mismatched_context": m, "val_ppl_other_source_context": o,
+                "val_ppl_warmup_only": ppl[f"warmup_{v}"]["val_ppl"],
+                "gain_from_context": None if m is None else m - c,
+                "domain_adaptation": None if m is None else alone - m,
+                "context_domain_cue": None if m is None or o is None else o - m,
+                **control.get(v, {}),
+                "warmup": pick(x["warmup"], "loss_first", "loss", "loss_last", "val_loss", "steps",
+                               "tokens_per_s", "wall_time_s", "peak_memory_gb"),
+                "train": pick(x["train"], "loss_first", "loss", "val_loss", "val_ppl", "steps",
+                              "tokens_seen", "tokens_per_s", "wall_time_s", "peak_memory_gb", "step_seconds"),
+                "mlm": x.get("mlm"), "mfu": x["mfu"], "decoder_tokens_per_s": x["decoder_tokens_per_s"],
+                "params": x["params"]}
+
     summary = {
         "val_ppl_with_context": cepe,
+        "val_ppl_mismatched_context": mis,
+        "val_ppl_other_source_context": ppl.get(f"othersource_{best}", {}).get("val_ppl"),
         "val_ppl_decoder_only": alone,
         "val_ppl_ceiling": ceiling,
         "gap_closed": closed,
+        "gain_from_context": None if mis is None else mis - cepe,
+        "domain_adaptation": None if mis is None else alone - mis,
         "warmup_loss_first": r["warmup"]["loss_first"],
         "warmup_loss_last": r["warmup"]["loss"],
         "train_loss_first": r["train"]["loss_first"],
@@ -408,6 +774,7 @@ def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict
         "mfu": r["mfu"],
         "peak_memory_gb": r["train"]["peak_memory_gb"],
         "best_encoder": best,
+        "encoders_run": list(results),
         "decoder": decoder_label(Path(args.decoder)),
         "device": device_name(),
         "torch": torch.__version__,
@@ -416,26 +783,21 @@ def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict
         "wall_time_s": seconds,
         "geometry": {"decoder_len": args.decoder_len, "n_chunks": args.n_chunks, "chunk_len": args.chunk_len,
                      "scored_last": scored},
+        "control": control,
         "ppl": ppl,
-        "variants": {v: {"warmup": pick(x["warmup"], "loss_first", "loss", "loss_last", "val_loss", "steps",
-                                         "tokens_per_s", "wall_time_s", "peak_memory_gb"),
-                         "train": pick(x["train"], "loss_first", "loss", "val_loss", "val_ppl", "steps",
-                                       "tokens_seen", "tokens_per_s", "wall_time_s", "peak_memory_gb", "step_seconds"),
-                         "mlm": x.get("mlm"), "mfu": x["mfu"], "decoder_tokens_per_s": x["decoder_tokens_per_s"],
-                         "params": x["params"]}
-                     for v, x in results.items()},
+        "variants": {v: variant(v, x) for v, x in results.items()},
         "command": "PYTHONPATH=. python scripts/gpu_training.py " + " ".join(sys.argv[1:]),
         "data_dir": str(data["data_dir"]),
     }
     (res_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        "# Training evidence: warm-up then train, SmolLM2-135M on one GPU",
+        f"# Training evidence: CEPE warm-up then train on {summary['device']}",
         "",
         f"Machine: {summary['device']}, torch {torch.__version__}. Decoder: {summary['decoder']}, frozen. "
         f"Data: real text from `{data['data_dir']}` ({args.sources}), tokenized with the decoder's tokenizer "
         "into the project's Arrow shards; held-out windows come from documents training never saw.",
         "",
-        "Command (one run, everything below):",
+        "Command (one run, everything below; the decoder directory is what `cepe convert-decoder` writes):",
         "",
         f"    {summary['command']}",
         "",
@@ -449,16 +811,45 @@ def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict
         f"| decoder alone | its {args.decoder_len}-token window | {alone:.3f} |",
     ]
     for v in results:
-        lines.append(f"| CEPE after warm-up only (encoder: {v}) | window + {args.n_chunks * args.chunk_len} context "
+        lines.append(f"| CEPE after warm-up only (encoder: {v}) | window + {e_tokens} context "
                      f"tokens via encoder | {ppl[f'warmup_{v}']['val_ppl']:.3f} |")
-        lines.append(f"| **CEPE after train (encoder: {v})** | window + {args.n_chunks * args.chunk_len} context tokens "
+        lines.append(f"| **CEPE after train (encoder: {v})** | window + {e_tokens} context tokens "
                      f"via encoder | **{ppl[f'cepe_{v}']['val_ppl']:.3f}** |")
+        if f"mismatched_{v}" in ppl:
+            lines.append(f"| CEPE, context from another document (encoder: {v}) | window + {e_tokens} tokens of "
+                         f"another document's context via encoder (same source where it has one) | "
+                         f"{ppl[f'mismatched_{v}']['val_ppl']:.3f} |")
+        if f"othersource_{v}" in ppl:
+            lines.append(f"| CEPE, context from another source (encoder: {v}) | window + {e_tokens} tokens of another "
+                         f"source's context via encoder | {ppl[f'othersource_{v}']['val_ppl']:.3f} |")
     lines += [
-        f"| ceiling: decoder reading context + window | {args.decoder_len + args.n_chunks * args.chunk_len} tokens "
+        f"| ceiling: decoder reading context + window | {args.decoder_len + e_tokens} tokens "
         f"in its own window | {ceiling:.3f} |",
         "",
-        f"Best CEPE ({best}) closes **{100 * closed:.0f}%** of the gap between the decoder alone and the ceiling "
-        f"({alone:.3f} -> {cepe:.3f}, ceiling {ceiling:.3f}).",
+    ]
+    if control.get("pairs"):
+        kinds = control["pairs"]
+        lines += [f"Control \"context from another document\": {control['rule']}. Pairs here: "
+                  f"{kinds.get('same_source_other_document', 0)} from another document of the same source, "
+                  f"{kinds.get('other_source', 0)} from another source, {kinds.get('same_source_apart', 0)} from a "
+                  f"non-overlapping window of the same source (contexts drawn from all {control.get('held_out_windows_available', '?')} "
+                  "held-out windows).", ""]
+        if control.get("other_source_pairs"):
+            o = control["other_source_pairs"]
+            lines += [f"Control \"context from another source\": {control['other_source_rule']}. Pairs here: "
+                      f"{o.get('other_source', 0)} from another source, {o.get('same_source_other_document', 0)} from "
+                      "another document of the same source.", ""]
+    if alone <= ceiling:
+        lines.append(f"The ceiling ({ceiling:.3f}) is no better than the decoder alone ({alone:.3f}), so there is no "
+                     "gap for CEPE to close.")
+    elif cepe < ceiling:
+        lines.append(f"Best CEPE ({best}) goes past the ceiling: {100 * closed:.0f}% of the gap between the decoder "
+                     f"alone and the ceiling ({alone:.3f} -> {cepe:.3f}, ceiling {ceiling:.3f}); more than 100% cannot "
+                     "come from reading the context alone (see the control).")
+    else:
+        lines.append(f"Best CEPE ({best}) closes **{100 * closed:.0f}%** of the gap between the decoder alone and the "
+                     f"ceiling ({alone:.3f} -> {cepe:.3f}, ceiling {ceiling:.3f}).")
+    lines += [
         "",
         "## Training",
         "",
@@ -482,17 +873,36 @@ def write_results(args: argparse.Namespace, results: dict, ppl: dict, data: dict
         f"(analytic matmul FLOPs: frozen weights 4 x, trained 6 x params x tokens, plus attention; against "
         f"{H200_BF16_PEAK / 1e12:.0f} TFLOP/s dense bf16). Peak memory {summary['peak_memory_gb']:.1f} GB.",
         "",
-        "Which encoder learns better: " + ", ".join(
-            f"{v}: ppl {ppl[f'cepe_{v}']['val_ppl']:.3f}" for v in results) + f"; best: **{best}**.",
-        "",
-        "Per-step logs: `<out>/<encoder>/<stage>/steps.tsv` and `validation.tsv` (`dvc plots show`).",
     ]
+    if len(results) > 1:
+        lines += ["Which encoder learns better: " + ", ".join(
+            f"{v}: ppl {ppl[f'cepe_{v}']['val_ppl']:.3f}" for v in results) + f"; best: **{best}**.", ""]
+    lines += [
+        "Per-step logs: `<out>/<encoder>/<stage>/steps.tsv` and `validation.tsv` (`dvc plots show`); each held-out "
+        "window's NLL under every model: `<out>/per_window_nll.json`.",
+        "",
+    ]
+    lines += reading_section(args, results, ppl, control, summary) + [""] + scaling_section(res_dir)
     (res_dir / "training.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {res_dir / 'training.md'} and training.json: decoder {alone:.3f}, CEPE {cepe:.3f}, ceiling {ceiling:.3f}")
+    log(f"wrote {res_dir / 'training.md'} and training.json: decoder {alone:.3f}, CEPE {cepe:.3f}, "
+        f"mismatched context {mis if mis is None else round(mis, 3)}, ceiling {ceiling:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
 # scaling: the main stage on 1 and on 2 GPUs
+
+
+def reusable_shards(root: Path, args: argparse.Namespace) -> bool:
+    """Whether the run mode's concat shards at `root` were cut for this decoder, geometry and sources."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        return False
+    m = json.loads(path.read_text())
+    return (m.get("layout") == "concat" and m.get("decoder_len") == args.decoder_len
+            and m.get("n_chunks") == args.n_chunks and m.get("chunk_len") == args.chunk_len
+            and (m.get("tokenizer") or {}).get("name") == str(args.decoder)
+            and m.get("sources") == args.sources and m.get("max_tokens_per_source") == args.max_tokens_per_source
+            and m.get("data_dir") == str(find_data_dir(args.data_dir).resolve()))
 
 
 def main_scale(args: argparse.Namespace) -> None:
@@ -504,9 +914,13 @@ def main_scale(args: argparse.Namespace) -> None:
     state = process_state()
     out = Path(args.out) / "scale"
     init_dir = out / "init"
+    shards = out / "shards" / "concat"
+    run_shards = Path(args.out) / "shards" / "concat"
+    if not (shards / "manifest.json").is_file() and reusable_shards(run_shards, args):
+        shards = run_shards  # the run mode's windows (same decoder, geometry, sources): no second tokenization
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "shards" / "concat" / "manifest.json").is_file():
+        if shards != run_shards and not (shards / "manifest.json").is_file():
             tok = AutoTokenizer.from_pretrained(args.decoder)
             train_s, held = token_streams(tok, find_data_dir(args.data_dir), args.sources.split(","),
                                           args.max_tokens_per_source)
@@ -523,7 +937,9 @@ def main_scale(args: argparse.Namespace) -> None:
             model.save_pretrained(init_dir)
     state.wait_for_everyone()
     world = state.num_processes
-    cfg = train.TrainConfig(data=[str(out / "shards" / "concat")], output=str(out / f"train-{world}"),
+    if state.is_main_process:
+        log(f"scale: {world} process(es), windows from {shards}")
+    cfg = train.TrainConfig(data=[str(shards)], output=str(out / f"train-{world}"),
                             model=str(init_dir), batch_size=args.train_batch, grad_accum=1, lr=args.lr,
                             max_steps=args.scale_steps, warmup_ratio=0.04, eval_windows=32, save_every=0,
                             progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing)
@@ -535,7 +951,8 @@ def main_scale(args: argparse.Namespace) -> None:
                   "step_seconds": per_step,
                   "tokens_per_s": args.train_batch * world * (args.decoder_len + args.n_chunks * args.chunk_len) / per_step,
                   "peak_memory_gb": metrics["peak_memory_gb"], "val_ppl": metrics["val_ppl"],
-                  "command": ("accelerate launch --num_processes 2 --multi_gpu " if world > 1 else "python ")
+                  "command": (f"accelerate launch --num_processes {world} --multi_gpu --num_machines 1 "
+                              "--mixed_precision bf16 --dynamo_backend no " if world > 1 else "python ")
                   + "scripts/gpu_training.py " + " ".join(sys.argv[1:])}
         path = Path(args.out) / "scale.json"
         runs = json.loads(path.read_text()) if path.is_file() else []
@@ -545,27 +962,43 @@ def main_scale(args: argparse.Namespace) -> None:
 
 
 def write_scaling(args: argparse.Namespace, runs: list[dict]) -> None:
+    """training_scaling.md/json from the runs so far (speedups against the 1-process run when there
+    is one), and the scaling section of training.md when that file is already there."""
     by = {r["processes"]: r for r in runs}
-    if 1 not in by or len(by) < 2:
-        log(f"scaling: have runs with {sorted(by)} processes; run the other one to write the comparison")
-        return
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    base = by[1]["tokens_per_s"]
-    table = {n: {**r, "speedup": r["tokens_per_s"] / base, "efficiency": r["tokens_per_s"] / base / n}
+    base = by[1]["tokens_per_s"] if 1 in by else None
+    table = {n: {**r, "speedup": r["tokens_per_s"] / base if base else None,
+                 "efficiency": r["tokens_per_s"] / base / n if base else None}
              for n, r in sorted(by.items())}
     (res / "training_scaling.json").write_text(json.dumps(table, indent=2) + "\n")
-    lines = [f"# Main stage scaling: 1 vs {max(table)} processes (DDP through accelerate launch)", "",
-             f"Machine: {table[max(table)]['device']}, torch {torch.__version__}. Same per-GPU batch; the "
-             "2-process run starts from the same CEPE initialisation (decoder-layers encoder, zero o-projection).", "",
-             "| processes | global batch | steps | s/step | tokens/s | speedup | efficiency | peak GB/GPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    counts = " vs ".join(str(n) for n in table)
+    lines = [f"# Main stage scaling: {counts} process{'es' if len(table) > 1 or max(table) > 1 else ''} "
+             "(DDP through accelerate launch)", "",
+             f"Machine: {table[max(table)]['device']}, torch {torch.__version__}. Same per-GPU batch"
+             + ("; every run starts from the same CEPE initialisation (decoder-layers encoder, zero o-projection)."
+                if len(table) > 1 else "."), ""]
+    if 1 not in table or len(table) < 2:
+        lines += [f"Only the {counts}-process run is here; the comparison needs both the 1-process and the "
+                  "2-process run (the other did not run or did not finish).", ""]
+    lines += ["| processes | global batch | steps | s/step | tokens/s | speedup | efficiency | peak GB/GPU |",
+              "|---|---|---|---|---|---|---|---|"]
     for n, r in table.items():
+        sp = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        ef = f"{100 * r['efficiency']:.0f}%" if r["efficiency"] else "-"
         lines.append(f"| {n} | {r['global_batch']} | {r['steps']} | {r['step_seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f} | {100 * r['efficiency']:.0f}% | {r['peak_memory_gb']:.1f} |")
+                     f"{sp} | {ef} | {r['peak_memory_gb']:.1f} |")
     lines += ["", "Commands:", ""] + [f"    PYTHONPATH=. {r['command']}" for r in table.values()]
     (res / "training_scaling.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {res / 'training_scaling.md'}")
+    log(f"wrote {res / 'training_scaling.md'} (runs with {counts} process(es))")
+    md = res / "training.md"
+    if md.is_file():
+        text = md.read_text()
+        head, sep, rest = text.partition("\n## Scaling\n")
+        after = ""
+        if sep and rest.find("\n## ") >= 0:
+            after = rest[rest.find("\n## "):]  # any section after the scaling one, kept
+        md.write_text(head.rstrip("\n") + "\n\n" + "\n".join(scaling_section(res)) + "\n" + after)
 
 
 def main() -> None:
@@ -589,6 +1022,9 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--val-windows", type=int, default=256)
     ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--control-pool", type=int, default=4096,
+                    help="held-out windows (sources in turn) the control may take contexts from; the first "
+                         "--val-windows of them are scored (0: every held-out window)")
     ap.add_argument("--scale-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
