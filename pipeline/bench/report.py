@@ -386,8 +386,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## CEPE decode by cross-attention form (ms/token)",
             "",
-            "The absorbed form runs the one-pass Triton kernel where it is available (CUDA with Triton); "
-            "`absorbed, two matmuls` is the same form without it (measured only where the kernel ran).",
+            "`absorbed` is the form as decoding runs it (two matmuls over the encoder states, or the one-pass "
+            "Triton kernel with `CEPE_FUSED_DECODE=1`); with the kernel on, `absorbed, two matmuls` times the same "
+            "form without it.",
             "",
             "| total | context tokens | auto picks | projected | absorbed, two matmuls | absorbed | auto picks the faster | loop |",
             "|---|---|---|---|---|---|---|---|",
