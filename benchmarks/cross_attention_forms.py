@@ -12,22 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.bench.device import cuda_median_ms as time_ms
 from pipeline.model.cross_attention import CepeCrossAttention
-
-
-def time_ms(fn, repeats=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -16,20 +16,13 @@ import time
 import torch
 
 from pipeline.bench import costs
+from pipeline.bench.device import cuda_median_ms
 from pipeline.bench.presets import encoder_config
 from pipeline.model import CepeEncoder
 
 
 def time_s(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return cuda_median_ms(fn, repeats=repeats, warmup=0) / 1000
 
 
 def main() -> None:

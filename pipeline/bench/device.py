@@ -74,6 +74,23 @@ class Clock:
         return end - start
 
 
+def cuda_median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of `fn` in ms over `repeats` calls after `warmup` untimed ones
+    (the benchmarks/ scripts time single kernels and layers with it)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
