@@ -1,7 +1,7 @@
 """Where a CEPE prefill's memory goes above its weights and what it keeps.
 
 Builds the bench's CEPE side (LLaMA-2-7B-shaped decoder + the 435M encoder, random weights,
-bf16), runs one prefill of `--total` tokens, and reports for each part (the encoder pass, and
+bf16), runs one prefill of `--total` tokens, and reports for each part (each encoder layer, and
 per decoder layer its self-attention, cross-attention and MLP) the largest transient it
 allocated above what was resident when it started, plus the prefill's peak, what it keeps (KV
 cache + encoder states) and its transient overall (peak - weights - kept).
@@ -37,7 +37,7 @@ def main() -> None:
     peaks: dict[str, float] = defaultdict(float)
     starts: dict[int, int] = {}
 
-    def pre(name):
+    def pre():
         def hook(module, *_):
             torch.cuda.synchronize()
             starts[id(module)] = torch.cuda.memory_allocated()
@@ -58,21 +58,18 @@ def main() -> None:
             parts.append(("cross-attention", layer.cross_attn))
     parts.append(("lm_head", model.decoder.lm_head))
     for name, module in parts:
-        module.register_forward_pre_hook(pre(name))
+        module.register_forward_pre_hook(pre())
         module.register_forward_hook(post(name))
     weights = torch.cuda.memory_allocated()
     gen = torch.Generator().manual_seed(0)
-    torch.cuda.reset_peak_memory_stats()
-    overall = 0
-    with torch.inference_mode():
-        # the hooks reset the peak counter: follow the overall peak through the allocations seen
+    with torch.inference_mode():  # per-part transients (each hook resets the peak counter) ...
         prefill = side.prefill(split, 1, Clock(dev), gen)
         torch.cuda.synchronize()
     kept = side.state_bytes(prefill)
     del prefill
     torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        for module in [m for _, m in parts]:
+    with torch.inference_mode():  # ... then the whole prefill's peak, without hooks
+        for _, module in parts:
             module._forward_pre_hooks.clear()
             module._forward_hooks.clear()
         prefill = side.prefill(split, 1, Clock(dev), gen)

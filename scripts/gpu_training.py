@@ -423,12 +423,10 @@ class WindowNll:
         self.tokens: list[float] = []
 
     def __call__(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from pipeline.train.losses import IGNORE_INDEX, causal_nll, model_inputs
+        from pipeline.train.losses import causal_nll, scored_tail_logits
 
         labels = batch["labels"]
-        scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-        first = int(scored.min()) if scored.numel() else labels.shape[1] - 1
-        logits = model(**model_inputs(batch), logits_to_keep=min(labels.shape[1] - first + 1, labels.shape[1])).logits
+        logits = scored_tail_logits(model, batch)
         rows = [causal_nll(logits[r:r + 1], labels[r:r + 1]) for r in range(labels.shape[0])]
         nll, count = torch.stack([x[0] for x in rows]), torch.stack([x[1] for x in rows])
         self.nll += nll.double().tolist()

@@ -54,15 +54,17 @@ def test_combine_merges_context_ranges_exactly(splits):
 
 
 def test_kernel_is_not_used_where_it_cannot_apply(monkeypatch):
-    q = torch.randn(1, 32, 64)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("CEPE_FUSED_DECODE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not absorbed_decode.usable(q, 32)  # opt-in, and a CPU tensor
+    assert not absorbed_decode.usable(gpu, 32)  # opt-in
     monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
-    assert not absorbed_decode.usable(q, 32)  # CPU tensor
-    assert not absorbed_decode.usable(q, absorbed_decode.MAX_QUERIES + 1)
+    assert not absorbed_decode.usable(cpu, 32)  # no GPU
+    assert not absorbed_decode.usable(gpu, absorbed_decode.MAX_QUERIES + 1)
     with torch.enable_grad():
-        assert not absorbed_decode.usable(q.requires_grad_(), 32)  # no backward in the kernel
+        assert not absorbed_decode.usable(gpu, 32, requires_grad=True)  # no backward in the kernel
+    if absorbed_decode.triton_available():
+        assert absorbed_decode.usable(gpu, 32)  # enabled, a GPU, few queries, no gradient
 
 
 INTERPRETED = textwrap.dedent(

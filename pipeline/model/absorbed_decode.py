@@ -45,12 +45,12 @@ def triton_available() -> bool:
     return True
 
 
-def usable(q_abs: torch.Tensor, num_queries: int) -> bool:
-    """Whether the fused kernel applies: CUDA tensors (or the Triton interpreter), few queries, no
-    gradient wanted (the kernel has no backward)."""
-    if num_queries > MAX_QUERIES or (q_abs.requires_grad and torch.is_grad_enabled()) or not enabled():
+def usable(device: torch.device, num_queries: int, requires_grad: bool = False) -> bool:
+    """Whether the fused kernel applies: enabled, a CUDA device (or the Triton interpreter), few
+    queries, no gradient wanted (the kernel has no backward)."""
+    if num_queries > MAX_QUERIES or (requires_grad and torch.is_grad_enabled()) or not enabled():
         return False
-    return q_abs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=1)

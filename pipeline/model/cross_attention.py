@@ -194,7 +194,7 @@ class CepeCrossAttention(nn.Module):
         q_abs = torch.einsum("bhtd,hde->bhte", q, w_k)  # (B, H, T, E)
         q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
         ctx_len = phi.shape[1]
-        if fused and absorbed_decode.usable(q_abs, heads * q_len):
+        if fused and absorbed_decode.usable(q_abs.device, heads * q_len, q_abs.requires_grad):
             mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
             ctx = absorbed_decode.absorbed_attention(q_abs * self.scaling, phi, mask)  # (B, H*T, E)
         elif heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:

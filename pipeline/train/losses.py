@@ -137,8 +137,8 @@ def model_inputs(batch: dict[str, torch.Tensor], keys: tuple[str, ...] = MODEL_K
     return {k: batch[k] for k in keys if k in batch}
 
 
-def eval_last_tokens_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL sum, token count) on the scored labels, computing logits only where needed.
+def scored_tail_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T', V) logits of the last T' positions, just enough to score every scored label.
 
     Validation labels score only the last N tokens of each window (`collate_lm(eval_last=N)`),
     so the model is asked for the last N+1 logits alone (`logits_to_keep`): a (B, T, V) logit
@@ -148,8 +148,12 @@ def eval_last_tokens_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = int(scored.min()) if scored.numel() else labels.shape[1] - 1
     keep = labels.shape[1] - first + 1
-    out = model(**model_inputs(batch), logits_to_keep=min(keep, labels.shape[1]))
-    return causal_nll(out.logits, labels)
+    return model(**model_inputs(batch), logits_to_keep=min(keep, labels.shape[1])).logits
+
+
+def eval_last_tokens_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL sum, token count) on the scored labels, computing logits only where needed."""
+    return causal_nll(scored_tail_logits(model, batch), batch["labels"])
 
 
 def eval_mlm_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
