@@ -1,7 +1,7 @@
 """The one-pass absorbed decode kernel gives the same attention as the matmul path.
 
-The merge of per-range partial sums (`combine`) is plain torch and is checked everywhere; the
-Triton kernel itself runs under Triton's interpreter (CPU) when Triton is installed, and on a GPU.
+Both kernels (per-range partial sums, and their merge) run under Triton's interpreter (CPU) when
+Triton is installed, and compiled on a GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def reference(q: torch.Tensor, phi: torch.Tensor, mask: torch.Tensor | None) -> 
 
 
 def torch_partials(q, phi, mask, splits):
-    """What the kernel computes per context range, written with torch ops."""
+    """What the partial kernel computes per context range (running max in log2 units)."""
     bsz, nq, e = q.shape
     size = -(-phi.shape[1] // splits)
     acc = torch.zeros(bsz, splits, nq, e, dtype=torch.float64)
@@ -37,20 +37,10 @@ def torch_partials(q, phi, mask, splits):
         scores = q.double() @ part.transpose(1, 2)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, j * size : (j + 1) * size], float("-inf"))
-        m = torch.maximum(scores.amax(-1), torch.tensor(-1.0e30, dtype=torch.float64))
-        p = torch.exp(scores - m[..., None])
+        m = torch.maximum(scores.amax(-1) * absorbed_decode.LOG2E, torch.tensor(-1.0e30, dtype=torch.float64))
+        p = torch.exp2(scores * absorbed_decode.LOG2E - m[..., None])
         acc[:, j], top[:, j], total[:, j] = p @ part, m, p.sum(-1)
     return acc, top, total
-
-
-@pytest.mark.parametrize("splits", [1, 3, 8])
-def test_combine_merges_context_ranges_exactly(splits):
-    gen = torch.Generator().manual_seed(splits)
-    q, phi = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 40, 16, generator=gen)
-    mask = torch.rand(2, 40, generator=gen) > 0.3
-    mask[1, :25] = False  # whole ranges without a valid key must weigh nothing
-    out = absorbed_decode.combine(*torch_partials(q, phi, mask, splits))
-    torch.testing.assert_close(out, reference(q, phi, mask), rtol=1e-9, atol=1e-9)
 
 
 def test_kernel_is_not_used_where_it_cannot_apply(monkeypatch):
@@ -71,7 +61,7 @@ INTERPRETED = textwrap.dedent(
     """
     import torch
     from pipeline.model import absorbed_decode
-    from tests.test_absorbed_decode import reference
+    from tests.test_absorbed_decode import reference, torch_partials
     torch.manual_seed(0)
     # (B, M, S, E, masked, splits): several ranges, a partial last tile, E not a power of two,
     # fewer queries than a block, ranges with no valid key
@@ -81,8 +71,25 @@ INTERPRETED = textwrap.dedent(
         if masked:
             mask = torch.rand(bsz, ctx) > 0.3
             mask[1, : ctx // 2] = False
-        out = absorbed_decode.absorbed_attention(q, phi, mask, splits=splits)
-        torch.testing.assert_close(out.double(), reference(q, phi, mask), rtol=1e-4, atol=1e-4)
+        for block_e in (16, 8):
+            config = dict(absorbed_decode.default_config(nq, e), BLOCK_E=block_e)
+            acc, top, total = absorbed_decode.partials(q, phi, mask, splits, scale=0.5, config=config)
+            want = torch_partials(0.5 * q, phi, mask, splits)
+            for got, ref in zip((acc, top, total), want):
+                torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+            out = absorbed_decode.fused_attention(q, phi, mask, scale=0.5, splits=splits, config=config)
+            torch.testing.assert_close(out.double(), reference(0.5 * q, phi, mask), rtol=1e-4, atol=1e-4)
+    # the blocked softmax of the two-matmul path: several blocks, a partial last one, masked
+    # blocks, two batches sharing rows
+    for bsz, rows, n, masked in [(1, 3, 200, False), (2, 4, 333, True)]:
+        scores = torch.randn(bsz, rows, n) * 4
+        mask = None
+        if masked:
+            mask = torch.rand(bsz, n) > 0.5
+            mask[1, :150] = False  # whole blocks without a valid key
+        probs = absorbed_decode.row_softmax(scores, 0.7, mask)
+        want = (0.7 * scores.double()).masked_fill(~mask[:, None], float("-inf")) if masked else 0.7 * scores.double()
+        torch.testing.assert_close(probs.double(), torch.softmax(want, -1), rtol=1e-5, atol=1e-6)
     print("ok")
     """
 )

@@ -91,6 +91,23 @@ def cuda_median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) ->
     return median(times)
 
 
+def cuda_graph_ms(fn: Callable[[], Any], repeats: int = 20, inner: int = 10) -> float:
+    """Median device time of one `fn` call in ms, with `inner` calls captured in one CUDA graph
+    and replayed: no launch overhead, as in the CUDA-graph decode loop (a kernel launched from
+    Python can take longer to launch than to run)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the capture (allocations, autotuning, compilation)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return cuda_median_ms(graph.replay, repeats=repeats, warmup=2) / inner
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

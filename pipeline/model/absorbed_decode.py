@@ -1,21 +1,32 @@
-"""One-pass absorbed cross-attention for decoding: a split-context Triton kernel.
+"""Kernels of the absorbed cross-attention while decoding: a blocked softmax and a one-pass kernel.
 
 In the absorbed form (cross_attention.py) every head of a decoding step attends to the same
-encoder states phi (B, S, E) with a query of width E. Written as two matmuls (scores = q phi^T,
-then probs phi) each step reads phi twice per layer: at 128K context that is 2 x 260 MB per layer,
-the largest part of a CEPE decode step. This kernel reads each phi tile once: per tile of
+encoder states phi (B, S, E) with a query of width E. As two matmuls (scores = q phi^T, then
+probs phi) each step reads phi twice per layer: at 128K context 2 x 260 MB per layer, the largest
+part of a CEPE decode step.
+
+`row_softmax` (used by default on a GPU): the softmax between the two matmuls. Its input is 32
+rows (one per head) of up to 128K scores; torch's softmax gives each row one block, so 32
+multiprocessors do the work and it took 50 us of the 195 us of the attention at 127K (H200). Cut
+into blocks of 2,048 scores, one kernel takes each block's max and sum of exponentials and a
+second normalises every block with its row's totals: 144 us for the two matmuls and softmax.
+
+`fused_attention` (opt-in, `CEPE_FUSED_DECODE=1`): reads each phi tile once. Per tile of
 BLOCK_S context rows it forms the scores of BLOCK_M queries, updates a running (online) softmax
-and accumulates probs x tile into a (BLOCK_M, E) float32 accumulator, flash-decoding style.
+and accumulates probs x tile, flash-decoding style. E (1024) is far wider than an attention head,
+and a (queries x E) float32 accumulator plus the (queries x E) query cannot sit in one warp's
+registers, so every tensor is split along E into NC chunks of BLOCK_E columns, held as 3-D
+(NC, rows, BLOCK_E) blocks, and both products are batched dots over the chunk axis: each warp owns
+one chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
+partial scores. The context is split into ranges that run in parallel; each writes its
+unnormalised partial sum with its running max and denominator, and a second small kernel merges
+them exactly. It is correct but not yet fast: on an H200 at 127K context it takes 321 us against
+144 us for the two matmuls (docs/results/bench_diagnostics.md). Timing it with parts removed
+showed why: without the per-tile sum of partial scores across warps the same loop runs in 77 us
+(3.4 TB/s); that one reduction, as Triton lowers it, costs the rest.
 
-The context is split into `splits` ranges that run in parallel (one query block x one range per
-program); each writes its unnormalised partial sum with its running max and denominator, and a
-small reduction (`combine`) merges them exactly. Query blocks of the same range are neighbours in
-the launch order, so the second one finds the tile in L2.
-
-Opt-in (`CEPE_FUSED_DECODE=1`): measured on an H200 at 127K context this version is slower than
-the two matmuls it replaces (1.00 vs 0.42 ms per layer, docs/results/bench.md), so decoding uses
-the matmuls unless asked. When enabled it runs for decode steps on a CUDA device with Triton
-installed; everything else (training, prefill, CPU) takes the matmul or sdpa paths, which give
+Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
+call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
 the same result.
 """
 
@@ -26,8 +37,8 @@ import os
 
 import torch
 
-BLOCK_M = 16  # queries per program: the smallest tensor-core tile (tl.dot needs M >= 16)
 MAX_QUERIES = 64  # above this the matmul path is as good (phi is shared by enough queries)
+LOG2E = 1.4426950408889634
 
 
 def enabled() -> bool:
@@ -35,14 +46,21 @@ def enabled() -> bool:
     return os.environ.get("CEPE_FUSED_DECODE") == "1" and triton_available()
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether Triton imports (probed once; a plain global, so torch.compile traces the check)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON = True
+        except Exception:
+            _TRITON = False
+    return _TRITON
 
 
 def usable(device: torch.device, num_queries: int, requires_grad: bool = False) -> bool:
@@ -53,69 +71,134 @@ def usable(device: torch.device, num_queries: int, requires_grad: bool = False) 
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
-    configs = [
-        triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
-        for bs, w, st in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3), (16, 8, 3))
-    ]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        configs = [triton.Config({"BLOCK_S": 16}, num_warps=4, num_stages=1)]
-
-    @triton.autotune(configs=configs, key=["E_PAD", "NQ", "HAS_MASK"])
     @triton.jit
     def absorbed_partial(
         Q, PHI, MASK, ACC, MAX, SUM,
-        S, split_len, NQ,
+        S, split_len, NQ, qk_scale,
         stride_qb, stride_qm,
         stride_pb, stride_ps,
         stride_kb, stride_ks,
         stride_ab, stride_as, stride_am,
         stride_mb, stride_ms,
-        E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-        HAS_MASK: tl.constexpr,
+        E: tl.constexpr, NC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        pid_s = tl.program_id(0)  # context ranges vary fastest: the query blocks of one range run together
+        pid_m = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)  # B x S x E elements pass 2^31 at large batches
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_e = tl.arange(0, E_PAD)
+        col = tl.arange(0, NC)[:, None, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, None, :]  # (NC, 1, BE)
         row_ok = offs_m < NQ
-        col_ok = offs_e < E
-        q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_qm + offs_e[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, E_PAD), pre-scaled
+        col_ok = col < E
+        q_ptrs = Q + pid_b * stride_qb + offs_m[None, :, None] * stride_qm + col  # (NC, M, BE)
+        q_ok = row_ok[None, :, None] & col_ok
+        q3 = tl.load(q_ptrs, mask=q_ok, other=0.0)  # (NC, M, BE): one query chunk per warp
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a range with no valid key stays NaN-free
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, E_PAD], tl.float32)
+        acc = tl.zeros([NC, BLOCK_M, BLOCK_E], tl.float32)
         start = pid_s.to(tl.int64) * split_len
         end = tl.minimum(start + split_len, S)
+        phi_base = PHI + pid_b * stride_pb
         for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             valid = offs_s < end
-            tile = tl.load(PHI + pid_b * stride_pb + offs_s[:, None] * stride_ps + offs_e[None, :],
-                           mask=valid[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_S, E_PAD)
-            scores = tl.dot(q, tl.trans(tile))  # (BLOCK_M, BLOCK_S), float32
+            tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col,
+                           mask=valid[None, :, None] & col_ok, other=0.0)  # (NC, BS, BE)
+            part = tl.dot(q3, tl.trans(tile, (0, 2, 1)))  # (NC, M, BS): each chunk's share of the scores
+            scores = tl.sum(part, axis=0) * qk_scale  # (M, BS), in log2 units
             if HAS_MASK:
                 keep = tl.load(MASK + pid_b * stride_kb + offs_s * stride_ks, mask=valid, other=0)
                 valid = valid & (keep != 0)
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])  # masked keys: exp(-inf) = 0
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])  # masked keys: 2^-inf = 0
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tile.dtype), tile)
+            p3 = tl.broadcast_to(p.to(tile.dtype)[None, :, :], (NC, BLOCK_M, BLOCK_S))
+            acc = acc * alpha[None, :, None] + tl.dot(p3, tile)  # (NC, M, BE)
             m_i = m_new
         base = pid_b * stride_ab + pid_s * stride_as
-        tl.store(ACC + base + offs_m[:, None] * stride_am + offs_e[None, :], acc,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(ACC + base + offs_m[None, :, None] * stride_am + col, acc, mask=q_ok)
         stat = pid_b * stride_mb + pid_s * stride_ms + offs_m
         tl.store(MAX + stat, m_i, mask=row_ok)
         tl.store(SUM + stat, l_i, mask=row_ok)
 
-    return absorbed_partial
+    @triton.jit
+    def absorbed_combine(
+        ACC, MAX, SUM, OUT,
+        SPLITS, NQ,
+        stride_ab, stride_as, stride_am,
+        stride_mb, stride_ms,
+        stride_ob, stride_om,
+        E: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """out[b, m, e-block] = sum_j 2^(m_j - m) acc_j / sum_j 2^(m_j - m) l_j (ranges in log2 units)."""
+        m = tl.program_id(0)
+        pid_e = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_j = tl.arange(0, SPLITS_PAD)
+        stat = b * stride_mb + offs_j * stride_ms + m
+        m_j = tl.load(MAX + stat, mask=offs_j < SPLITS, other=-float("inf"))
+        l_j = tl.load(SUM + stat, mask=offs_j < SPLITS, other=0.0)
+        w_j = tl.exp2(m_j - tl.max(m_j, 0))  # (SPLITS_PAD,); ranges with no valid key weigh 0
+        denom = tl.sum(w_j * l_j, 0)
+        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < E
+        parts = tl.load(ACC + b * stride_ab + offs_j[:, None] * stride_as + m * stride_am + offs_e[None, :],
+                        mask=(offs_j < SPLITS)[:, None] & e_ok[None, :], other=0.0)  # (SPLITS_PAD, BLOCK_E)
+        out = tl.sum(w_j[:, None] * parts, 0)
+        tl.store(OUT + b * stride_ob + m * stride_om + offs_e, (out / denom).to(OUT.dtype.element_ty), mask=e_ok)
+
+    @triton.jit
+    def row_softmax_stats(
+        X, MASK, MAX, SUM, N, qk_scale, stride_xr, stride_kb, stride_mr, ROWS_PER_BATCH,
+        BLOCK: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        """Per block of a row: max of scale x (log2 units) and sum of 2^(x - max)."""
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        x = tl.load(X + row * stride_xr + offs, mask=ok, other=float("-inf")).to(tl.float32) * qk_scale
+        if HAS_MASK:
+            keep = tl.load(MASK + (row // ROWS_PER_BATCH) * stride_kb + offs, mask=ok, other=0)
+            x = tl.where(keep != 0, x, float("-inf"))
+        m = tl.max(x, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block without a valid key sums to 0
+        tl.store(MAX + row * stride_mr + blk, m)
+        tl.store(SUM + row * stride_mr + blk, tl.sum(tl.exp2(x - m_safe), 0))
+
+    @triton.jit
+    def row_softmax_write(
+        X, MASK, MAX, SUM, OUT, N, NBLK, qk_scale, stride_xr, stride_kb, stride_mr, stride_or, ROWS_PER_BATCH,
+        BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        """probs = 2^(scale x - M) / Z from the blocks' statistics (M the row max, Z the sum)."""
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs_j = tl.arange(0, NBLK_PAD)
+        m_j = tl.load(MAX + row * stride_mr + offs_j, mask=offs_j < NBLK, other=float("-inf"))
+        l_j = tl.load(SUM + row * stride_mr + offs_j, mask=offs_j < NBLK, other=0.0)
+        top = tl.max(m_j, 0)
+        denom = tl.sum(tl.exp2(m_j - top) * l_j, 0)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        x = tl.load(X + row * stride_xr + offs, mask=ok, other=float("-inf")).to(tl.float32) * qk_scale
+        if HAS_MASK:
+            keep = tl.load(MASK + (row // ROWS_PER_BATCH) * stride_kb + offs, mask=ok, other=0)
+            x = tl.where(keep != 0, x, float("-inf"))
+        tl.store(OUT + row * stride_or + offs, (tl.exp2(x - top) / denom).to(OUT.dtype.element_ty), mask=ok)
+
+    return absorbed_partial, absorbed_combine, row_softmax_stats, row_softmax_write
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,28 +206,50 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(context_len: int, batch: int, num_queries: int, device: torch.device) -> int:
-    """Context ranges per sequence: about two programs per multiprocessor, each range >= 256 rows.
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_config(num_queries: int, width: int) -> dict:
+    """Block sizes per program (measured on an H200 for E = 1024, docs/results/bench_diagnostics.md).
+
+    Every warp owns one chunk of BLOCK_E columns; 16 query rows is the smallest tensor-core tile.
+    """
+    if _interpreted():
+        return dict(BLOCK_M=16, BLOCK_S=16, BLOCK_E=16, num_warps=1, num_stages=1)
+    block_e = 128
+    nc = _pow2(-(-width // block_e))
+    return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(nc, 8), num_stages=2)
+
+
+def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.device, waves: int = 1) -> int:
+    """Context ranges per sequence: `waves` programs per multiprocessor, each range >= 256 rows.
 
     Fewer ranges mean smaller partial sums (splits x queries x E float32 per sequence, merged by
-    `combine`); more keep every multiprocessor busy.
+    the combine kernel); more keep every multiprocessor busy.
     """
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
-    blocks = -(-num_queries // BLOCK_M)
-    want = max(1, -(-2 * sms // (blocks * batch)))
+    want = max(1, -(-waves * sms // (query_blocks * batch)))
     return max(1, min(want, -(-context_len // 256)))
 
 
 def partials(
-    q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, splits: int
+    q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, splits: int,
+    scale: float = 1.0, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per context range: unnormalised sums (B, splits, M, E) float32, running max and denominator
-    (B, splits, M) float32. q_abs (B, M, E) already scaled; phi (B, S, E); key_mask (B, S) bool."""
+    (B, splits, M) float32, the max in log2 units (scores x scale x log2 e).
+
+    q_abs (B, M, E); phi (B, S, E); key_mask (B, S) bool or None; scale multiplies the scores.
+    """
     import triton
 
     bsz, nq, e = q_abs.shape
     ctx_len = phi.shape[1]
+    cfg = dict(config or default_config(nq, e))
+    block_m, block_e = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_E")
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     q_abs = q_abs.contiguous()
     phi = phi if phi.stride(-1) == 1 else phi.contiguous()
     split_len = -(-ctx_len // splits)
@@ -156,42 +261,143 @@ def partials(
         mask_strides = (mask.stride(0), mask.stride(1))
     else:
         mask, mask_strides = phi, (0, 0)  # never read (HAS_MASK=False)
-    grid = (triton.cdiv(nq, BLOCK_M), splits, bsz)
-    _kernel()[grid](
+    grid = (splits, triton.cdiv(nq, block_m), bsz)
+    _kernels()[0][grid](
         q_abs, phi, mask, acc, stat_max, stat_sum,
-        ctx_len, split_len, nq,
+        ctx_len, split_len, nq, scale * LOG2E,
         q_abs.stride(0), q_abs.stride(1),
         phi.stride(0), phi.stride(1),
         *mask_strides,
         acc.stride(0), acc.stride(1), acc.stride(2),
         stat_max.stride(0), stat_max.stride(1),
-        E=e, E_PAD=triton.next_power_of_2(e), BLOCK_M=BLOCK_M, HAS_MASK=key_mask is not None,
+        E=e, NC=_pow2(-(-e // block_e)), BLOCK_M=block_m, BLOCK_E=block_e, HAS_MASK=key_mask is not None,
+        num_warps=num_warps, num_stages=num_stages, **cfg,
     )
     return acc, stat_max, stat_sum
 
 
-def combine(acc: torch.Tensor, stat_max: torch.Tensor, stat_sum: torch.Tensor) -> torch.Tensor:
-    """Merge the ranges exactly: out = sum_j e^(m_j - m) acc_j / sum_j e^(m_j - m) l_j -> (B, M, E)."""
-    top = stat_max.amax(dim=1, keepdim=True)  # (B, 1, M)
-    weight = torch.exp(stat_max - top)  # (B, splits, M); ranges with no valid key weigh 0
-    denom = (weight * stat_sum).sum(dim=1)  # (B, M)
-    out = torch.einsum("bjm,bjme->bme", weight, acc)  # (B, M, E)
-    return out / denom[..., None]
+def combine(acc: torch.Tensor, stat_max: torch.Tensor, stat_sum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge the context ranges exactly -> (B, M, E) in `dtype` (one small kernel)."""
+    import triton
+
+    bsz, splits, nq, e = acc.shape
+    out = torch.empty(bsz, nq, e, device=acc.device, dtype=dtype)
+    splits_pad = triton.next_power_of_2(splits)
+    block_e = max(1, min(triton.next_power_of_2(e), 8192 // splits_pad))  # all ranges of a column block at once
+    grid = (nq, triton.cdiv(e, block_e), bsz)
+    _kernels()[1][grid](
+        acc, stat_max, stat_sum, out, splits, nq,
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        stat_max.stride(0), stat_max.stride(1),
+        out.stride(0), out.stride(1),
+        E=e, SPLITS_PAD=splits_pad, BLOCK_E=block_e,
+        num_warps=1 if _interpreted() else 4,
+    )
+    return out
 
 
 def absorbed_attention(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None = None,
-                       splits: int | None = None) -> torch.Tensor:
-    """softmax(q_abs phi^T) phi in one pass over phi.
+                       scale: float = 1.0) -> torch.Tensor:
+    """`fused_attention` with its default splits and blocks, as a registered op (opaque to
+    torch.compile)."""
+    return torch.ops.cepe.absorbed_attention(q_abs, phi, key_mask, scale)
+
+
+def fused_attention(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None = None,
+                    scale: float = 1.0, splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """softmax(scale q_abs phi^T) phi in one pass over phi.
 
     Args:
-        q_abs: (B, M, E) absorbed queries, already multiplied by the softmax scale.
+        q_abs: (B, M, E) absorbed queries.
         phi: (B, S, E) encoder states (keys and values at once).
         key_mask: (B, S) bool, True = attend; every row must have at least one True (KeyMask
             guarantees it), or None.
+        scale: the softmax scale (1 / sqrt(head_dim)).
         splits: context ranges per sequence (default: `num_splits`).
+        config: block sizes (default: `default_config`).
     Returns:
         (B, M, E) in phi's dtype.
     """
-    splits = splits or num_splits(phi.shape[1], phi.shape[0], q_abs.shape[1], phi.device)
-    out = combine(*partials(q_abs, phi, key_mask, splits))
-    return out.to(phi.dtype)
+    bsz, nq, e = q_abs.shape
+    cfg = config or default_config(nq, e)
+    if splits is None:
+        splits = num_splits(phi.shape[1], bsz, -(-nq // cfg["BLOCK_M"]), phi.device)
+    return combine(*partials(q_abs, phi, key_mask, splits, scale, cfg), dtype=phi.dtype)
+
+
+def softmax_usable(scores: torch.Tensor) -> bool:
+    """Whether `row_softmax` applies: Triton on a CUDA device (or its interpreter), no gradient."""
+    if not triton_available() or (scores.requires_grad and torch.is_grad_enabled()):
+        return False
+    return scores.device.type == "cuda" or _interpreted()
+
+
+def row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`_row_softmax` as a registered op: torch.compile keeps it whole instead of tracing the
+    Triton launches (see `_row_softmax` for the arguments)."""
+    return torch.ops.cepe.row_softmax(scores, scale, key_mask)
+
+
+def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
+                 block: int = 2048) -> torch.Tensor:
+    """softmax(scale x scores) over the last axis, for few rows over a long context, in scores' dtype.
+
+    The two-matmul absorbed form has 32 rows (one per head) of up to 128K scores per layer and
+    step; a one-block-per-row softmax keeps 32 of the GPU's multiprocessors busy and takes longer
+    than reading the scores should. Here every row is cut into blocks: one kernel takes each
+    block's max and sum of exponentials, a second normalises every block with its row's totals.
+    Computed in float32 (the scale folded in), written in scores' dtype.
+
+    scores: (B, R, N); key_mask: (B, N) bool, True = attend (each row needs one), or None.
+    """
+    import triton
+
+    bsz, rows, n = scores.shape
+    x = scores if scores.stride(-1) == 1 else scores.contiguous()
+    x2 = x.view(bsz * rows, n) if x.is_contiguous() else x.reshape(bsz * rows, n)  # (B*R, N)
+    if _interpreted():
+        block = min(block, 64)
+    nblk = triton.cdiv(n, block)
+    stat_max = torch.empty(bsz * rows, nblk, device=x.device, dtype=torch.float32)
+    stat_sum = torch.empty_like(stat_max)
+    out = torch.empty(bsz * rows, n, device=x.device, dtype=scores.dtype)
+    if key_mask is not None:
+        mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+        mask_stride = mask.stride(0)
+    else:
+        mask, mask_stride = x2, 0  # never read (HAS_MASK=False)
+    _, _, stats_kernel, write_kernel = _kernels()
+    warps = 1 if _interpreted() else 4
+    grid = (bsz * rows, nblk)
+    stats_kernel[grid](x2, mask, stat_max, stat_sum, n, scale * LOG2E, x2.stride(0), mask_stride,
+                       stat_max.stride(0), rows, BLOCK=block, HAS_MASK=key_mask is not None, num_warps=warps)
+    write_kernel[grid](x2, mask, stat_max, stat_sum, out, n, nblk, scale * LOG2E, x2.stride(0), mask_stride,
+                       stat_max.stride(0), out.stride(0), rows, BLOCK=block, NBLK_PAD=triton.next_power_of_2(nblk),
+                       HAS_MASK=key_mask is not None, num_warps=warps)
+    return out.view(bsz, rows, n)
+
+
+def partial_bytes(batch: int, num_queries: int, width: int, splits: int) -> int:
+    """Bytes of partial sums one call writes (and the merge reads back): the kernel's overhead over
+    one read of phi."""
+    return batch * splits * num_queries * (width + 2) * 4
+
+
+@torch.library.custom_op("cepe::row_softmax", mutates_args=())
+def _row_softmax_op(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
+    return _row_softmax(scores, scale, key_mask)
+
+
+@_row_softmax_op.register_fake
+def _(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("cepe::absorbed_attention", mutates_args=())
+def _absorbed_attention_op(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return fused_attention(q_abs, phi, key_mask, scale)
+
+
+@_absorbed_attention_op.register_fake
+def _(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return q_abs.new_empty(q_abs.shape, dtype=phi.dtype)

@@ -196,14 +196,19 @@ class CepeCrossAttention(nn.Module):
         ctx_len = phi.shape[1]
         if fused and absorbed_decode.usable(q_abs.device, heads * q_len, q_abs.requires_grad):
             mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
-            ctx = absorbed_decode.absorbed_attention(q_abs * self.scaling, phi, mask)  # (B, H*T, E)
+            ctx = absorbed_decode.absorbed_attention(q_abs, phi, mask, scale=self.scaling)  # (B, H*T, E)
         elif heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
             # Few queries (decoding): two plain matmuls over phi. sdpa has no fused kernel for a
             # head width of E (1024) and its fallback is an order of magnitude slower here.
-            scores = torch.matmul(q_abs * self.scaling, phi.transpose(1, 2))  # (B, H*T, S)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask[:, 0], torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(phi.dtype)  # fp32 inside
+            if absorbed_decode.softmax_usable(q_abs):  # a GPU: the blocked softmax, scale folded in
+                scores = torch.matmul(q_abs, phi.transpose(1, 2))  # (B, H*T, S)
+                mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
+                probs = absorbed_decode.row_softmax(scores, self.scaling, mask)
+            else:
+                scores = torch.matmul(q_abs * self.scaling, phi.transpose(1, 2))  # (B, H*T, S)
+                if key_mask is not None:
+                    scores = scores.masked_fill(~key_mask[:, 0], torch.finfo(scores.dtype).min)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(phi.dtype)  # fp32 inside
             ctx = torch.matmul(probs, phi)  # (B, H*T, E)
         else:
             kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
