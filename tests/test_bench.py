@@ -188,6 +188,25 @@ def _static_equals_plain(side, name):
         assert not torch.equal(swapped.tokens, plain.tokens)
 
 
+@pytest.mark.parametrize("name", ["full", "cepe"])
+def test_compiled_static_loop_generates_the_plain_loops_tokens(tiny_sides, name):
+    """`compile_decode`: the torch.compile'd step (inductor) continues exactly as the eager one."""
+    from pipeline.bench import decode
+    from pipeline.bench.device import Clock
+
+    side = tiny_sides[name]
+    split = Split.of(384, 64, 16)
+    clock = Clock(torch.device("cpu"))
+    first = side.prefill(split, 2, clock, torch.Generator().manual_seed(2))
+    plain = decode.plain_decode(side.model, first.cache, first.first, 6, clock, first.step_kwargs)
+    again = side.prefill(split, 2, clock, torch.Generator().manual_seed(2))
+    cache = decode.to_static(again.cache, side.cache_config, again.start + 8)
+    compiled = decode.static_decode(side.model, cache, again.first, again.start, 4, clock, again.step_kwargs,
+                                    graph=False, warmup=2, compile_step=True)
+    assert compiled.loop == "static+compile"
+    assert torch.equal(plain.tokens[:, :4], compiled.tokens)
+
+
 def test_synthetic_caches_have_the_planned_shapes(tiny_sides):
     from pipeline.bench import decode
     from pipeline.bench.device import Clock

@@ -26,6 +26,7 @@ from pipeline.bench.split import Split
 from pipeline.errors import CepeError
 
 DECODE_WARMUP = 2  # eager steps before a CUDA graph is captured
+COMPILE_WARMUP = 3  # steps of a compiled loop before its capture (the first one compiles)
 PROBE_STEPS = 8  # timed steps per attention backend when choosing the static loop's
 CPU_MAX_PARAMS = 2_000_000_000
 
@@ -279,10 +280,24 @@ class Runner:
         room = self._static_room(cfg.gen_tokens)
         if side.name == "cepe" and cfg.form_steps:
             room += 3 * (DECODE_WARMUP + cfg.form_steps)
+        if cfg.compile_decode:
+            room += COMPILE_WARMUP + cfg.gen_tokens
         static = decode.to_static(prefill.cache, side.cache_config, start + room + 8)
         prefill.cache = None
         first = plain.tokens[:, -1:]
         loops["static"] = self._static_best(side, static, first, cfg.gen_tokens, prefill.step_kwargs)
+        if cfg.compile_decode:
+            # The same loop with the step compiled, with the self-attention the probes chose; a
+            # compilation failure is recorded, not fatal (the uncompiled loop stands).
+            position = int(static.layers[0].cumulative_length)
+            try:
+                loops["compiled"] = self._static_loop(side, static, first, position, cfg.gen_tokens, prefill.step_kwargs,
+                                                      loops["static"]["attn_implementation"], compile_step=True)
+            except Exception as exc:  # noqa: BLE001
+                if is_oom(exc):
+                    raise
+                result["compile_decode_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+                release()
         if side.name == "cepe" and cfg.form_steps:
             forms = {}
             impl = loops["static"]["attn_implementation"]
@@ -329,7 +344,7 @@ class Runner:
         return summary
 
     def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],
-                     impl: str = "sdpa") -> dict[str, Any]:
+                     impl: str = "sdpa", compile_step: bool = False) -> dict[str, Any]:
         """The static-cache loop with the decoder's self-attention set to `impl` (sdpa or eager;
         flash-attn takes no 4-D mask), as a CUDA graph where possible: a capture failure other
         than out of memory is recorded and the loop is measured eagerly instead."""
@@ -337,24 +352,28 @@ class Runner:
         if previous != impl:
             side.set_attn_implementation(impl)
         try:
-            summary = self._static_loop_or_eager(side, cache, first, start, steps, kwargs)
+            summary = self._static_loop_or_eager(side, cache, first, start, steps, kwargs, compile_step)
         finally:
             if previous != impl:
                 side.set_attn_implementation(previous)
         summary["attn_implementation"] = impl
         return summary
 
-    def _static_loop_or_eager(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _static_loop_or_eager(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],
+                              compile_step: bool = False) -> dict[str, Any]:
         graph = self.config.cuda_graph and self.device.type == "cuda"
+        warmup = COMPILE_WARMUP if compile_step else DECODE_WARMUP
         try:
-            return decode.static_decode(side.model, cache, first, start, steps, self.clock, kwargs, graph=graph, warmup=DECODE_WARMUP).summary()
+            return decode.static_decode(side.model, cache, first, start, steps, self.clock, kwargs, graph=graph, warmup=warmup,
+                                        compile_step=compile_step).summary()
         except Exception as exc:  # noqa: BLE001
             if is_oom(exc) or not graph:
                 raise
             error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         release()
         position = int(cache.layers[0].cumulative_length)
-        summary = decode.static_decode(side.model, cache, first, position, steps, self.clock, kwargs, graph=False).summary()
+        summary = decode.static_decode(side.model, cache, first, position, steps, self.clock, kwargs, graph=False,
+                                       compile_step=compile_step).summary()
         summary["graph_error"] = error
         return summary
 

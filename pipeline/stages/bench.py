@@ -39,6 +39,7 @@ class BenchConfig:
     cross_attn_form: Literal["auto", "projected", "absorbed"] = field("auto", help="CEPE cross-attention form (auto: chosen per call by query count and context length)")
     encoder_chunk_batch: int = field(64, help="Chunks per encoder forward (bounds activation memory); 0 = all at once")
     compile_encoder: bool = field(False, help="torch.compile CEPE's encoder layers (fused norms, rotary and SwiGLU; compiled once, before the timed runs); decoders stay eager on both sides")
+    compile_decode: bool = field(False, help="Also time the static-cache loop with the decode step torch.compile'd, on both sides (fused norms, rotary, residual adds; compiled in its warm-up steps, then replayed as a CUDA graph)")
     cuda_graph: bool = field(True, help="Replay the static-cache decode step as a CUDA graph (CUDA only)")
     sides: list[str] = field(default_factory=lambda: ["full", "cepe"], help="Which sides to measure: full, cepe")
     time_budget_s: float = field(480.0, help="Start no new measurement after this many seconds (0 = no limit); skipped ones are marked")
