@@ -380,7 +380,8 @@ class Runner:
     # ------------------------------------------------------------------ profile
     def _profile(self, side: Any, split: Split) -> dict[str, Any]:
         """A torch.profiler table of one prefill and of a few eager static-cache decode steps
-        (eager, so every kernel shows), for finding where a side's time goes."""
+        (eager, so every kernel shows), and with `compile_decode` of a few compiled steps (not
+        graph-replayed, so their kernels show), for finding where a side's time goes."""
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
@@ -391,11 +392,21 @@ class Runner:
             prefill = side.prefill(split, 1, self.clock, self.generator(split.total))
             self.clock.sync()
         tables = [f"# {side.name}, total {split.total}: one prefill", _table(prof, sort_by)]
-        cache = decode.to_static(prefill.cache, side.cache_config, prefill.start + steps + 8)
+        room = steps + (COMPILE_WARMUP + steps if self.config.compile_decode else 0)
+        cache = decode.to_static(prefill.cache, side.cache_config, prefill.start + room + 8)
         prefill.cache = None
         with profile(activities=activities) as prof:
             decode.static_decode(side.model, cache, prefill.first, prefill.start, steps, self.clock, prefill.step_kwargs, graph=False)
         tables += [f"# {side.name}, total {split.total}: {steps} eager static-cache decode steps", _table(prof, sort_by)]
+        if self.config.compile_decode:  # the compiled step's kernels (compiled first, outside the profile)
+            position = int(cache.layers[0].cumulative_length)
+            decode.static_decode(side.model, cache, prefill.first, position, COMPILE_WARMUP, self.clock, prefill.step_kwargs,
+                                 graph=False, compile_step=True)
+            position = int(cache.layers[0].cumulative_length)
+            with profile(activities=activities) as prof:
+                decode.static_decode(side.model, cache, prefill.first, position, steps, self.clock, prefill.step_kwargs,
+                                     graph=False, compile_step=True)
+            tables += [f"# {side.name}, total {split.total}: {steps} compiled static-cache decode steps", _table(prof, sort_by)]
         path = self.out_dir / f"profile_{side.name}_{split.total}.txt"
         from pipeline.io import atomic_write_text
 
@@ -488,9 +499,9 @@ def plan_batch(free: int, reserve: int, transient: int, per_sequence: float, max
 
 def _table(prof: Any, sort_by: str) -> str:
     try:
-        return prof.key_averages().table(sort_by=sort_by, row_limit=30)
+        return prof.key_averages().table(sort_by=sort_by, row_limit=45)
     except (KeyError, AttributeError, ValueError):
-        return prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+        return prof.key_averages().table(sort_by="cpu_time_total", row_limit=45)
 
 
 def _median(values: list[float]) -> float:
