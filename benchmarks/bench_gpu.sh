@@ -15,4 +15,4 @@ shift || true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTHONPATH=. exec python -m cepe_cli.main bench \
     --decoder llama-2-7b --encoder cepe-435m --lengths 4096,8192,32768,131072 \
-    --device cuda --profile-lengths 131072 --compile-encoder true --output-dir "$out" "$@"
+    --device cuda --profile-lengths 131072 --compile-encoder true --compile-decode true --output-dir "$out" "$@"
