@@ -20,10 +20,12 @@ registers, so every tensor is split along E into NC chunks of BLOCK_E columns, h
 one chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
 partial scores. The context is split into ranges that run in parallel; each writes its
 unnormalised partial sum with its running max and denominator, and a second small kernel merges
-them exactly. It is correct but not yet fast: on an H200 at 127K context it takes 321 us against
-144 us for the two matmuls (docs/results/bench_diagnostics.md). Timing it with parts removed
-showed why: without the per-tile sum of partial scores across warps the same loop runs in 77 us
-(3.4 TB/s); that one reduction, as Triton lowers it, costs the rest.
+them exactly. It is correct but not yet fast: on an H200 at 127K context it takes about 310 us
+(306 for the ranges, 4-7 for the merge) against 144 us for the two matmuls and the softmax
+(docs/results/bench_diagnostics.md). Timing it with parts removed showed why: without the
+per-tile sum of partial scores across warps the same loop runs in 77 us (3.4 TB/s); that one
+reduction, as Triton lowers it (eight rounds of shared-memory store, barrier, load, barrier per
+tile), costs the rest.
 
 Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
 call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
