@@ -4,9 +4,12 @@
 replace. This script times variants of its loop at LLaMA-2-7B decode shapes (32 absorbed queries
 of width 1024 over 126,976 encoder states, bf16, batch 1), each from a CUDA graph:
 
-  full           the kernel's loop: partial scores per E-chunk (one warp each), their sum across
-                 warps, online softmax, weighted sum of the tile
-  scores         partial scores, their sum across warps and the running max only
+  sel-dot        the kernel's loop: partial scores per E-chunk (one warp each), summed on the
+                 tensor cores as sel @ (partials stacked by chunk, in bf16), online softmax,
+                 weighted sum of the tile
+  sel-dot-tf32   the same with the partials kept in float32 (tf32 tensor cores)
+  warp-sum       the kernel's first loop: the partial scores summed with tl.sum over the warp axis
+  scores         partial scores, their tl.sum across warps and the running max only
   values         the weighted sum only (constant probabilities): no cross-warp communication
   no-sum         partial scores, exponentials of each chunk's own partial score (wrong
                  mathematics), weighted sum: everything but the cross-warp sum
@@ -30,9 +33,10 @@ import triton.language as tl
 from pipeline.bench.device import cuda_graph_ms
 from pipeline.model import absorbed_decode
 
-MODES = {"full": 0, "scores": 1, "values": 2, "no-sum": 3, "2d-scores": 5, "2d-scores-3d": 6}
+MODES = {"sel-dot": 7, "sel-dot-tf32": 8, "warp-sum": 0, "scores": 1, "values": 2, "no-sum": 3, "2d-scores": 5,
+         "2d-scores-3d": 6}
 # (BLOCK_M, BLOCK_S, BLOCK_E, num_warps, num_stages)
-CONFIGS = [(16, 32, 128, 8, 2), (16, 16, 128, 8, 3), (16, 64, 128, 8, 2), (16, 32, 256, 4, 2), (16, 16, 64, 16, 3),
+CONFIGS = [(16, 32, 128, 8, 3), (16, 32, 128, 8, 2), (16, 16, 128, 8, 3), (16, 16, 128, 8, 2), (16, 64, 128, 8, 2), (16, 32, 256, 4, 2), (16, 16, 64, 16, 3),
            (32, 32, 128, 8, 2), (16, 32, 128, 4, 2), (16, 32, 256, 8, 2)]
 
 
@@ -49,15 +53,23 @@ def loop_variant(Q, PHI, ACC, STAT, S, split_len, qk_scale, stride_ps,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([NC, BLOCK_M, BLOCK_E], tl.float32)
     acc2 = tl.zeros([BLOCK_M, E], tl.float32)
+    stacked = tl.arange(0, NC * BLOCK_M)
+    sel = (tl.arange(0, BLOCK_M)[:, None] == (stacked % BLOCK_M)[None, :]).to(tl.float32)  # (M, NC*M)
     start = pid_s * split_len
     end = tl.minimum(start + split_len, S)
     for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         if MODE != 5:
             tile = tl.load(PHI + offs_s[None, :, None] * stride_ps + col)  # (NC, BS, BE)
-        if MODE == 0:
+        if MODE == 0 or MODE == 7 or MODE == 8:
             part = tl.dot(q3, tl.trans(tile, (0, 2, 1)))
-            scores = tl.sum(part, axis=0) * qk_scale
+            if MODE == 0:
+                scores = tl.sum(part, axis=0) * qk_scale
+            elif MODE == 7:
+                stack = tl.reshape(part.to(tile.dtype), (NC * BLOCK_M, BLOCK_S))
+                scores = tl.dot(sel.to(tile.dtype), stack) * qk_scale
+            else:
+                scores = tl.dot(sel, tl.reshape(part, (NC * BLOCK_M, BLOCK_S)), input_precision="tf32") * qk_scale
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])

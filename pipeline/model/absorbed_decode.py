@@ -18,14 +18,15 @@ and a (queries x E) float32 accumulator plus the (queries x E) query cannot sit 
 registers, so every tensor is split along E into NC chunks of BLOCK_E columns, held as 3-D
 (NC, rows, BLOCK_E) blocks, and both products are batched dots over the chunk axis: each warp owns
 one chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
-partial scores. The context is split into ranges that run in parallel; each writes its
-unnormalised partial sum with its running max and denominator, and a second small kernel merges
-them exactly. It is correct but not yet fast: on an H200 at 127K context it takes about 310 us
-(306 for the ranges, 4-7 for the merge) against 144 us for the two matmuls and the softmax
-(docs/results/bench_diagnostics.md). Timing it with parts removed showed why: without the
-per-tile sum of partial scores across warps the same loop runs in 77 us (3.4 TB/s); that one
-reduction, as Triton lowers it (eight rounds of shared-memory store, barrier, load, barrier per
-tile), costs the rest.
+partial scores, taken on the tensor cores: sel @ (the partials stacked by chunk, in bf16), where
+sel (BLOCK_M, NC x BLOCK_M) picks each query's rows. (Written as `tl.sum` over the warp axis,
+Triton lowered the same sum into eight rounds of shared-memory store, barrier, load, barrier per
+tile, and the ranges took 306 us instead of 123.) The context is split into ranges that run in
+parallel; each writes its unnormalised partial sum with its running max and denominator, and a
+second small kernel merges them exactly. On an H200 at 127K context: 123 us for the ranges plus
+4-7 us for the merge, against 144 us for the two matmuls and the softmax; in a whole layer 184 vs
+192 us at 127K but 89 vs 87 us at 28K (docs/results/bench_diagnostics.md). The margin is small
+and changes sign with the context length, so it stays opt-in (`CEPE_FUSED_DECODE=1`).
 
 Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
 call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
@@ -107,6 +108,11 @@ def _kernels():
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a range with no valid key stays NaN-free
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([NC, BLOCK_M, BLOCK_E], tl.float32)
+        # sel[m, c * BLOCK_M + m'] = (m == m'): sel @ (partial scores stacked by chunk) sums the
+        # chunks on the tensor cores, one shared-memory exchange per tile (tl.sum over the warp
+        # axis took eight rounds of store, barrier, load, barrier)
+        stacked = tl.arange(0, NC * BLOCK_M)
+        sel = (tl.arange(0, BLOCK_M)[:, None] == (stacked % BLOCK_M)[None, :]).to(PHI.dtype.element_ty)
         start = pid_s.to(tl.int64) * split_len
         end = tl.minimum(start + split_len, S)
         phi_base = PHI + pid_b * stride_pb
@@ -116,7 +122,8 @@ def _kernels():
             tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col,
                            mask=valid[None, :, None] & col_ok, other=0.0)  # (NC, BS, BE)
             part = tl.dot(q3, tl.trans(tile, (0, 2, 1)))  # (NC, M, BS): each chunk's share of the scores
-            scores = tl.sum(part, axis=0) * qk_scale  # (M, BS), in log2 units
+            part = tl.reshape(part.to(tile.dtype), (NC * BLOCK_M, BLOCK_S))  # rows c * M + m
+            scores = tl.dot(sel, part) * qk_scale  # (M, BS), in log2 units
             if HAS_MASK:
                 keep = tl.load(MASK + pid_b * stride_kb + offs_s * stride_ks, mask=valid, other=0)
                 valid = valid & (keep != 0)
@@ -221,7 +228,7 @@ def default_config(num_queries: int, width: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_S=16, BLOCK_E=16, num_warps=1, num_stages=1)
     block_e = 128
     nc = _pow2(-(-width // block_e))
-    return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(nc, 8), num_stages=2)
+    return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(nc, 8), num_stages=3)
 
 
 def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.device, waves: int = 1) -> int:
