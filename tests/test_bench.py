@@ -166,7 +166,7 @@ def test_static_loop_generates_the_plain_loops_tokens(tiny_sides, name, impl):
         side.set_attn_implementation("sdpa")
 
 
-def _static_equals_plain(side, name):
+def _static_equals_plain(side, name, compile_step=False):
     from pipeline.bench import decode
     from pipeline.bench.device import Clock
 
@@ -177,7 +177,9 @@ def _static_equals_plain(side, name):
     again = side.prefill(split, 2, clock, torch.Generator().manual_seed(1))
     cache = decode.to_static(again.cache, side.cache_config, again.start + 8)
     assert all(layer.keys is None for layer in again.cache.layers)  # moved, not copied
-    static = decode.static_decode(side.model, cache, again.first, again.start, 5, clock, again.step_kwargs, graph=False)
+    static = decode.static_decode(side.model, cache, again.first, again.start, 5, clock, again.step_kwargs, graph=False,
+                                  compile_step=compile_step)
+    assert static.loop == ("static+compile" if compile_step else "static")
     assert static.tokens.shape == (2, 5)
     assert torch.equal(plain.tokens, static.tokens)
     if name == "cepe":  # the encoder states matter: other states, other tokens
@@ -191,20 +193,7 @@ def _static_equals_plain(side, name):
 @pytest.mark.parametrize("name", ["full", "cepe"])
 def test_compiled_static_loop_generates_the_plain_loops_tokens(tiny_sides, name):
     """`compile_decode`: the torch.compile'd step (inductor) continues exactly as the eager one."""
-    from pipeline.bench import decode
-    from pipeline.bench.device import Clock
-
-    side = tiny_sides[name]
-    split = Split.of(384, 64, 16)
-    clock = Clock(torch.device("cpu"))
-    first = side.prefill(split, 2, clock, torch.Generator().manual_seed(2))
-    plain = decode.plain_decode(side.model, first.cache, first.first, 6, clock, first.step_kwargs)
-    again = side.prefill(split, 2, clock, torch.Generator().manual_seed(2))
-    cache = decode.to_static(again.cache, side.cache_config, again.start + 8)
-    compiled = decode.static_decode(side.model, cache, again.first, again.start, 4, clock, again.step_kwargs,
-                                    graph=False, warmup=2, compile_step=True)
-    assert compiled.loop == "static+compile"
-    assert torch.equal(plain.tokens[:, :4], compiled.tokens)
+    _static_equals_plain(tiny_sides[name], name, compile_step=True)
 
 
 def test_synthetic_caches_have_the_planned_shapes(tiny_sides):
