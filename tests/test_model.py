@@ -209,6 +209,18 @@ def test_greedy_generation_with_cache_equals_full_recompute():
     assert torch.equal(out, seq)
 
 
+def test_static_cache_generation_equals_dynamic_cache_generation():
+    """`generate(..., cache_implementation="static")`, the fixed-shape cache that CUDA graphs and
+    torch.compile need, continues exactly as the default dynamic cache."""
+    model = tiny_cepe()
+    _perturb_o_proj(model, scale=2.0)
+    ids, enc = _inputs(batch=2, t=6)
+    dynamic = model.generate(ids, encoder_input_ids=enc, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    static = model.generate(ids, encoder_input_ids=enc, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                            cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
 def test_generation_context_changes_output():
     model = tiny_cepe()
     _perturb_o_proj(model, scale=4.0)
