@@ -99,7 +99,7 @@ def main() -> None:
     layer = CepeCrossAttention(4096, width, heads, 128, norm).to(dev, dt).eval()
     for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
         torch.nn.init.normal_(lin.weight, std=0.02)
-    print(f"\nwhole cross-attention layer, default configuration {absorbed_decode.default_config(heads, width)}")
+    print(f"\nwhole cross-attention layer, default configuration {absorbed_decode.default_config(width)}")
     with torch.no_grad():
         for ctx in (int(c) for c in args.contexts.split(",")):
             h = torch.randn(1, 1, 4096, device=dev, dtype=dt)

@@ -72,7 +72,7 @@ INTERPRETED = textwrap.dedent(
             mask = torch.rand(bsz, ctx) > 0.3
             mask[1, : ctx // 2] = False
         for block_e in (16, 8):
-            config = dict(absorbed_decode.default_config(nq, e), BLOCK_E=block_e)
+            config = dict(absorbed_decode.default_config(e), BLOCK_E=block_e)
             acc, top, total = absorbed_decode.partials(q, phi, mask, splits, scale=0.5, config=config)
             want = torch_partials(0.5 * q, phi, mask, splits)
             for got, ref in zip((acc, top, total), want):

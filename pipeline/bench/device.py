@@ -162,6 +162,16 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (at most 300 characters), for a report cell."""
+    return (str(exc).splitlines() or [""])[0][:300]
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: first line` of an exception."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def attempt(fn: Callable[[], dict[str, Any]], keep_going: bool = False) -> dict[str, Any]:
     """Run one measurement; an out-of-memory error becomes `{"oom": True}` instead of a crash.
 
@@ -175,14 +185,13 @@ def attempt(fn: Callable[[], dict[str, Any]], keep_going: bool = False) -> dict[
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - re-raised below unless it is an OOM or keep_going
-        first_line = (str(exc).splitlines() or [""])[0][:300]
         if is_oom(exc):
-            failure = {"oom": True, "error": first_line}
+            failure = {"oom": True, "error": first_line(exc)}
         elif keep_going:
             import traceback
 
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            failure = {"error": f"{type(exc).__name__}: {first_line} ({Path(where.filename).name}:{where.lineno})"}
+            failure = {"error": f"{error_text(exc)} ({Path(where.filename).name}:{where.lineno})"}
         else:
             raise
     release()

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.bench import decode
-from pipeline.bench.device import GB, Clock, Memory, attempt, describe, is_oom, measure_ceilings, release, resolve_device, resolve_dtype
+from pipeline.bench.device import GB, Clock, Memory, attempt, describe, error_text, is_oom, measure_ceilings, release, resolve_device, resolve_dtype
 from pipeline.bench.costs import Shape
 from pipeline.bench.split import Split
 from pipeline.errors import CepeError
@@ -296,7 +296,7 @@ class Runner:
             except Exception as exc:  # noqa: BLE001
                 if is_oom(exc):
                     raise
-                result["compile_decode_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+                result["compile_decode_error"] = error_text(exc)
                 release()
         if side.name == "cepe" and cfg.form_steps:
             forms = {}
@@ -369,7 +369,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             if is_oom(exc) or not graph:
                 raise
-            error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+            error = error_text(exc)
         release()
         position = int(cache.layers[0].cumulative_length)
         summary = decode.static_decode(side.model, cache, first, position, steps, self.clock, kwargs, graph=False,

@@ -8,7 +8,7 @@ part of a CEPE decode step.
 `row_softmax` (used by default on a GPU): the softmax between the two matmuls. Its input is 32
 rows (one per head) of up to 128K scores; torch's softmax gives each row one block, so 32
 multiprocessors do the work and it took 50 us of the 195 us of the attention at 127K (H200). Cut
-into blocks of 2,048 scores, one kernel takes each block's max and sum of exponentials and a
+into blocks of 2,048 scores, a first pass takes each block's max and sum of exponentials and a
 second normalises every block with its row's totals: 144 us for the two matmuls and softmax.
 
 `fused_attention` (opt-in, `CEPE_FUSED_DECODE=1`): reads each phi tile once. Per tile of
@@ -71,7 +71,7 @@ def usable(device: torch.device, num_queries: int, requires_grad: bool = False) 
     queries, no gradient wanted (the kernel has no backward)."""
     if num_queries > MAX_QUERIES or (requires_grad and torch.is_grad_enabled()) or not enabled():
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or _interpreted()
 
 
 def _interpreted() -> bool:
@@ -168,46 +168,35 @@ def _kernels():
         tl.store(OUT + b * stride_ob + m * stride_om + offs_e, (out / denom).to(OUT.dtype.element_ty), mask=e_ok)
 
     @triton.jit
-    def row_softmax_stats(
-        X, MASK, MAX, SUM, N, qk_scale, stride_xr, stride_kb, stride_mr, ROWS_PER_BATCH,
-        BLOCK: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):
-        """Per block of a row: max of scale x (log2 units) and sum of 2^(x - max)."""
-        row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < N
-        x = tl.load(X + row * stride_xr + offs, mask=ok, other=float("-inf")).to(tl.float32) * qk_scale
-        if HAS_MASK:
-            keep = tl.load(MASK + (row // ROWS_PER_BATCH) * stride_kb + offs, mask=ok, other=0)
-            x = tl.where(keep != 0, x, float("-inf"))
-        m = tl.max(x, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block without a valid key sums to 0
-        tl.store(MAX + row * stride_mr + blk, m)
-        tl.store(SUM + row * stride_mr + blk, tl.sum(tl.exp2(x - m_safe), 0))
-
-    @triton.jit
-    def row_softmax_write(
+    def row_softmax_block(
         X, MASK, MAX, SUM, OUT, N, NBLK, qk_scale, stride_xr, stride_kb, stride_mr, stride_or, ROWS_PER_BATCH,
-        BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+        BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_MASK: tl.constexpr, WRITE: tl.constexpr,
     ):
-        """probs = 2^(scale x - M) / Z from the blocks' statistics (M the row max, Z the sum)."""
+        """One block of a row of scale x scores (log2 units, -inf where masked). First pass
+        (WRITE=False): the block's max and sum of 2^(x - max). Second pass: probs = 2^(x - M) / Z
+        from all blocks' statistics (M the row max, Z the sum)."""
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
-        offs_j = tl.arange(0, NBLK_PAD)
-        m_j = tl.load(MAX + row * stride_mr + offs_j, mask=offs_j < NBLK, other=float("-inf"))
-        l_j = tl.load(SUM + row * stride_mr + offs_j, mask=offs_j < NBLK, other=0.0)
-        top = tl.max(m_j, 0)
-        denom = tl.sum(tl.exp2(m_j - top) * l_j, 0)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         x = tl.load(X + row * stride_xr + offs, mask=ok, other=float("-inf")).to(tl.float32) * qk_scale
         if HAS_MASK:
             keep = tl.load(MASK + (row // ROWS_PER_BATCH) * stride_kb + offs, mask=ok, other=0)
             x = tl.where(keep != 0, x, float("-inf"))
-        tl.store(OUT + row * stride_or + offs, (tl.exp2(x - top) / denom).to(OUT.dtype.element_ty), mask=ok)
+        if WRITE:
+            offs_j = tl.arange(0, NBLK_PAD)
+            m_j = tl.load(MAX + row * stride_mr + offs_j, mask=offs_j < NBLK, other=float("-inf"))
+            l_j = tl.load(SUM + row * stride_mr + offs_j, mask=offs_j < NBLK, other=0.0)
+            top = tl.max(m_j, 0)
+            denom = tl.sum(tl.exp2(m_j - top) * l_j, 0)
+            tl.store(OUT + row * stride_or + offs, (tl.exp2(x - top) / denom).to(OUT.dtype.element_ty), mask=ok)
+        else:
+            m = tl.max(x, 0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block without a valid key sums to 0
+            tl.store(MAX + row * stride_mr + blk, m)
+            tl.store(SUM + row * stride_mr + blk, tl.sum(tl.exp2(x - m_safe), 0))
 
-    return absorbed_partial, absorbed_combine, row_softmax_stats, row_softmax_write
+    return absorbed_partial, absorbed_combine, row_softmax_block
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,11 +204,14 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _chunks(width: int, block_e: int) -> int:
+    """NC: chunks of BLOCK_E columns covering the encoder width, a power of two (tl.arange)."""
+    import triton
+
+    return triton.next_power_of_2(-(-width // block_e))
 
 
-def default_config(num_queries: int, width: int) -> dict:
+def default_config(width: int) -> dict:
     """Block sizes per program (measured on an H200 for E = 1024, docs/results/bench_diagnostics.md).
 
     Every warp owns one chunk of BLOCK_E columns; 16 query rows is the smallest tensor-core tile.
@@ -227,8 +219,7 @@ def default_config(num_queries: int, width: int) -> dict:
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_S=16, BLOCK_E=16, num_warps=1, num_stages=1)
     block_e = 128
-    nc = _pow2(-(-width // block_e))
-    return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(nc, 8), num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(_chunks(width, block_e), 8), num_stages=3)
 
 
 def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.device, waves: int = 1) -> int:
@@ -256,7 +247,7 @@ def partials(
 
     bsz, nq, e = q_abs.shape
     ctx_len = phi.shape[1]
-    cfg = dict(config or default_config(nq, e))
+    cfg = dict(config or default_config(e))
     block_m, block_e = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_E")
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     q_abs = q_abs.contiguous()
@@ -279,7 +270,7 @@ def partials(
         *mask_strides,
         acc.stride(0), acc.stride(1), acc.stride(2),
         stat_max.stride(0), stat_max.stride(1),
-        E=e, NC=_pow2(-(-e // block_e)), BLOCK_M=block_m, BLOCK_E=block_e, HAS_MASK=key_mask is not None,
+        E=e, NC=_chunks(e, block_e), BLOCK_M=block_m, BLOCK_E=block_e, HAS_MASK=key_mask is not None,
         num_warps=num_warps, num_stages=num_stages, **cfg,
     )
     return acc, stat_max, stat_sum
@@ -328,7 +319,7 @@ def fused_attention(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tens
         (B, M, E) in phi's dtype.
     """
     bsz, nq, e = q_abs.shape
-    cfg = config or default_config(nq, e)
+    cfg = config or default_config(e)
     if splits is None:
         splits = num_splits(phi.shape[1], bsz, -(-nq // cfg["BLOCK_M"]), phi.device)
     return combine(*partials(q_abs, phi, key_mask, splits, scale, cfg), dtype=phi.dtype)
@@ -353,7 +344,7 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
 
     The two-matmul absorbed form has 32 rows (one per head) of up to 128K scores per layer and
     step; a one-block-per-row softmax keeps 32 of the GPU's multiprocessors busy and takes longer
-    than reading the scores should. Here every row is cut into blocks: one kernel takes each
+    than reading the scores should. Here every row is cut into blocks: a first launch takes each
     block's max and sum of exponentials, a second normalises every block with its row's totals.
     Computed in float32 (the scale folded in), written in scores' dtype.
 
@@ -362,8 +353,9 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
     import triton
 
     bsz, rows, n = scores.shape
-    x = scores if scores.stride(-1) == 1 else scores.contiguous()
-    x2 = x.view(bsz * rows, n) if x.is_contiguous() else x.reshape(bsz * rows, n)  # (B*R, N)
+    x = scores.reshape(bsz * rows, n)  # (B*R, N)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     if _interpreted():
         block = min(block, 64)
     nblk = triton.cdiv(n, block)
@@ -374,22 +366,14 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         mask_stride = mask.stride(0)
     else:
-        mask, mask_stride = x2, 0  # never read (HAS_MASK=False)
-    _, _, stats_kernel, write_kernel = _kernels()
-    warps = 1 if _interpreted() else 4
+        mask, mask_stride = x, 0  # never read (HAS_MASK=False)
+    kernel = _kernels()[2]
     grid = (bsz * rows, nblk)
-    stats_kernel[grid](x2, mask, stat_max, stat_sum, n, scale * LOG2E, x2.stride(0), mask_stride,
-                       stat_max.stride(0), rows, BLOCK=block, HAS_MASK=key_mask is not None, num_warps=warps)
-    write_kernel[grid](x2, mask, stat_max, stat_sum, out, n, nblk, scale * LOG2E, x2.stride(0), mask_stride,
-                       stat_max.stride(0), out.stride(0), rows, BLOCK=block, NBLK_PAD=triton.next_power_of_2(nblk),
-                       HAS_MASK=key_mask is not None, num_warps=warps)
+    for write in (False, True):  # block statistics, then every block normalised with its row's totals
+        kernel[grid](x, mask, stat_max, stat_sum, out, n, nblk, scale * LOG2E, x.stride(0), mask_stride,
+                     stat_max.stride(0), out.stride(0), rows, BLOCK=block, NBLK_PAD=triton.next_power_of_2(nblk),
+                     HAS_MASK=key_mask is not None, WRITE=write, num_warps=1 if _interpreted() else 4)
     return out.view(bsz, rows, n)
-
-
-def partial_bytes(batch: int, num_queries: int, width: int, splits: int) -> int:
-    """Bytes of partial sums one call writes (and the merge reads back): the kernel's overhead over
-    one read of phi."""
-    return batch * splits * num_queries * (width + 2) * 4
 
 
 @torch.library.custom_op("cepe::row_softmax", mutates_args=())
