@@ -27,8 +27,8 @@ from pipeline.model.cross_attention import CepeCrossAttention
 
 # (BLOCK_M, BLOCK_S, BLOCK_E, num_warps, num_stages)
 CONFIGS = [  # around the default (16, 32, 128, 8, 3): one warp per 128 encoder columns
-    (16, 32, 128, 8, 3), (16, 32, 128, 8, 2), (16, 16, 128, 8, 3), (16, 16, 128, 8, 4), (16, 16, 128, 8, 2),
-    (32, 32, 128, 8, 2), (32, 16, 128, 8, 3), (16, 32, 64, 16, 2), (16, 16, 64, 16, 3), (16, 32, 256, 4, 2),
+    (16, 32, 128, 8, 3), (16, 32, 128, 8, 2), (16, 16, 128, 8, 3), (16, 16, 128, 8, 4), (32, 16, 128, 8, 3),
+    (32, 32, 128, 8, 2),
 ]
 WAVES = (1, 2)
 

@@ -6,6 +6,7 @@ Triton is installed, and compiled on a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -25,58 +26,81 @@ def reference(q: torch.Tensor, phi: torch.Tensor, mask: torch.Tensor | None) -> 
     return torch.softmax(scores, dim=-1) @ phi.double()
 
 
-def torch_partials(q, phi, mask, splits):
-    """What the partial kernel computes per context range (running max in log2 units)."""
+def torch_ranges(q, phi, mask, splits):
+    """Per context range: its own attention output (B, splits, M, E) and log2 of its softmax mass,
+    log2 sum 2^(score log2 e) (B, splits, M); -inf mass where a range has no valid key."""
     bsz, nq, e = q.shape
     size = -(-phi.shape[1] // splits)
-    acc = torch.zeros(bsz, splits, nq, e, dtype=torch.float64)
-    top = torch.full((bsz, splits, nq), -1.0e30, dtype=torch.float64)
-    total = torch.zeros(bsz, splits, nq, dtype=torch.float64)
+    out = torch.zeros(bsz, splits, nq, e, dtype=torch.float64)
+    mass = torch.full((bsz, splits, nq), float("-inf"), dtype=torch.float64)
     for j in range(splits):
         part = phi[:, j * size : (j + 1) * size].double()
-        scores = q.double() @ part.transpose(1, 2)
+        scores = (q.double() @ part.transpose(1, 2)) * absorbed_decode.LOG2E
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, j * size : (j + 1) * size], float("-inf"))
-        m = torch.maximum(scores.amax(-1) * absorbed_decode.LOG2E, torch.tensor(-1.0e30, dtype=torch.float64))
-        p = torch.exp2(scores * absorbed_decode.LOG2E - m[..., None])
-        acc[:, j], top[:, j], total[:, j] = p @ part, m, p.sum(-1)
-    return acc, top, total
+        has_key = torch.isfinite(scores).any(-1)  # (B, M)
+        mass[:, j] = torch.where(has_key, torch.logsumexp(scores * math.log(2), -1) / math.log(2), mass[:, j])
+        probs = torch.softmax(scores.masked_fill(~has_key[..., None], 0.0) * math.log(2), -1)
+        out[:, j] = torch.where(has_key[..., None], probs @ part, 0.0)
+    return out, mass
 
 
-def test_kernel_is_not_used_where_it_cannot_apply(monkeypatch):
+def check_partials(acc, offset, total, q, phi, mask, splits):
+    """What the partial kernel writes, against `torch_ranges`: acc / total is the range's output,
+    offset + log2(total) its mass; a range without a valid key sums to 0 with offset -1e30."""
+    out, mass = torch_ranges(q, phi, mask, splits)
+    has_key = torch.isfinite(mass)
+    assert torch.all(total[~has_key] == 0) and torch.all(offset[~has_key] == -1.0e30)
+    torch.testing.assert_close(acc.double()[has_key] / total.double()[has_key][:, None], out[has_key], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(offset.double()[has_key] + torch.log2(total.double()[has_key]), mass[has_key],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_is_used_where_it_applies_and_pays(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    long, short = absorbed_decode.FUSED_MIN_CONTEXT, absorbed_decode.FUSED_MIN_CONTEXT - 1
     monkeypatch.delenv("CEPE_FUSED_DECODE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not absorbed_decode.usable(gpu, 32)  # opt-in
-    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
-    assert not absorbed_decode.usable(cpu, 32)  # no GPU
-    assert not absorbed_decode.usable(gpu, absorbed_decode.MAX_QUERIES + 1)
+    assert not absorbed_decode.usable(cpu, 32, long)  # no GPU
+    assert not absorbed_decode.usable(gpu, absorbed_decode.MAX_QUERIES + 1, long)  # many queries: matmuls
+    assert not absorbed_decode.usable(gpu, 32, short)  # a short context: the matmuls are as fast
     with torch.enable_grad():
-        assert not absorbed_decode.usable(gpu, 32, requires_grad=True)  # no backward in the kernel
-    if absorbed_decode.triton_available():
-        assert absorbed_decode.usable(gpu, 32)  # enabled, a GPU, few queries, no gradient
+        assert not absorbed_decode.usable(gpu, 32, long, requires_grad=True)  # no backward in the kernel
+    triton = absorbed_decode.triton_available()
+    assert absorbed_decode.usable(gpu, 32, long) == triton  # the default on a GPU over a long context
+    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
+    assert absorbed_decode.usable(gpu, 32, short) == triton  # forced on
+    assert not absorbed_decode.usable(cpu, 32, long)
+    monkeypatch.setenv("CEPE_FUSED_DECODE", "0")
+    assert not absorbed_decode.usable(gpu, 32, long)  # forced off
 
 
 INTERPRETED = textwrap.dedent(
     """
     import torch
     from pipeline.model import absorbed_decode
-    from tests.test_absorbed_decode import reference, torch_partials
+    from tests.test_absorbed_decode import check_partials, reference
     torch.manual_seed(0)
-    # (B, M, S, E, masked, splits): several ranges, a partial last tile, E not a power of two,
-    # fewer queries than a block, ranges with no valid key
-    for bsz, nq, ctx, e, masked, splits in [(1, 32, 300, 64, False, 3), (2, 20, 257, 48, True, 4), (2, 5, 100, 24, True, 7)]:
+    # (B, M, S, E, masked, splits, rise): several ranges, a partial last tile, E not a power of two,
+    # fewer queries than a block, ranges with no valid key or whose first tile has none; `rise`
+    # lifts the scores past each range's first tiles far above their max (the range is redone)
+    cases = [(1, 32, 300, 64, False, 3, 0.0), (2, 20, 257, 48, True, 4, 0.0), (2, 5, 100, 24, True, 7, 0.0),
+             (1, 16, 200, 32, False, 2, 120.0)]
+    for bsz, nq, ctx, e, masked, splits, rise in cases:
         q, phi = torch.randn(bsz, nq, e), torch.randn(bsz, ctx, e)
+        if rise:
+            late = (torch.arange(ctx) % -(-ctx // splits)) >= 40  # past the first tiles of each range
+            phi[:, late] += rise / e ** 0.5 * q.mean(1, keepdim=True).sign()
         mask = None
         if masked:
             mask = torch.rand(bsz, ctx) > 0.3
             mask[1, : ctx // 2] = False
         for block_e in (16, 8):
             config = dict(absorbed_decode.default_config(e), BLOCK_E=block_e)
-            acc, top, total = absorbed_decode.partials(q, phi, mask, splits, scale=0.5, config=config)
-            want = torch_partials(0.5 * q, phi, mask, splits)
-            for got, ref in zip((acc, top, total), want):
-                torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+            acc, offset, total = absorbed_decode.partials(q, phi, mask, splits, scale=0.5, config=config)
+            check_partials(acc, offset, total, 0.5 * q, phi, mask, splits)
+            if rise:  # the scores rose by far more than the drift allowed: the offsets are the ranges' maxima
+                assert (offset.max() > 64.0) and torch.isfinite(acc).all()
             out = absorbed_decode.fused_attention(q, phi, mask, scale=0.5, splits=splits, config=config)
             torch.testing.assert_close(out.double(), reference(0.5 * q, phi, mask), rtol=1e-4, atol=1e-4)
     # the blocked softmax of the two-matmul path: several blocks, a partial last one, masked

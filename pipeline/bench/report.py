@@ -399,8 +399,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "## CEPE decode by cross-attention form (ms/token)",
             "",
             "`absorbed` is the form as decoding runs it (two matmuls over the encoder states, or the one-pass "
-            "Triton kernel with `CEPE_FUSED_DECODE=1`); with the kernel on, `absorbed, two matmuls` times the same "
-            "form without it.",
+            "Triton kernel on a GPU from 32K context states on, or as `CEPE_FUSED_DECODE` sets it); with the kernel on, "
+            "`absorbed, two matmuls` times the same form without it.",
             "",
             "| total | context tokens | auto picks | projected | absorbed, two matmuls | absorbed | auto picks the faster | loop |",
             "|---|---|---|---|---|---|---|---|",

@@ -302,7 +302,7 @@ class Runner:
             forms = {}
             impl = loops["static"]["attn_implementation"]
             # With the fused kernel available, also time the absorbed form as two matmuls.
-            for form in ("projected", "absorbed") + (("absorbed_matmul",) if side.fused_decode() else ()):
+            for form in ("projected", "absorbed") + (("absorbed_matmul",) if side.fused_decode(split.context_tokens) else ()):
                 position = int(static.layers[0].cumulative_length)
                 kwargs = dict(prefill.step_kwargs, cross_attn_form=form)
                 forms[form] = self._static_loop(side, static, first, position, cfg.form_steps, kwargs, impl)

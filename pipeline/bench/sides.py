@@ -147,11 +147,11 @@ class Cepe:
         """The cross-attention form the model picks for this many queries over this context."""
         return self._cross.choose_form(queries, context)
 
-    def fused_decode(self) -> bool:
-        """Whether a decode step's absorbed cross-attention runs the one-pass kernel here."""
+    def fused_decode(self, context: int) -> bool:
+        """Whether a decode step's absorbed cross-attention over `context` states runs the one-pass kernel."""
         from pipeline.model import absorbed_decode
 
-        return absorbed_decode.usable(self.device, self._cross.num_heads)
+        return absorbed_decode.usable(self.device, self._cross.num_heads, context)
 
     def start(self, split: Split) -> int:
         return split.decoder_tokens
@@ -201,7 +201,7 @@ class Cepe:
 
     def decode_floor_bytes(self, split: Split, batch: int) -> int:
         form = self.form(1, split.context_tokens)
-        if form == "absorbed" and not self.fused_decode():
+        if form == "absorbed" and not self.fused_decode(split.context_tokens):
             form = "absorbed_matmul"  # no fused kernel here: the states are read twice per layer
         return costs.cepe_decode_step_bytes(
             self.shape, self.encoder_shape, split.decoder_tokens, split.context_tokens, form, batch,

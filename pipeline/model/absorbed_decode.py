@@ -11,22 +11,25 @@ multiprocessors do the work and it took 50 us of the 195 us of the attention at 
 into blocks of 2,048 scores, a first pass takes each block's max and sum of exponentials and a
 second normalises every block with its row's totals: 144 us for the two matmuls and softmax.
 
-`fused_attention` (opt-in, `CEPE_FUSED_DECODE=1`): reads each phi tile once. Per tile of
-BLOCK_S context rows it forms the scores of BLOCK_M queries, updates a running (online) softmax
-and accumulates probs x tile, flash-decoding style. E (1024) is far wider than an attention head,
-and a (queries x E) float32 accumulator plus the (queries x E) query cannot sit in one warp's
+`fused_attention` (the default on a GPU from FUSED_MIN_CONTEXT encoder states on; `CEPE_FUSED_DECODE`
+= 1 or 0 forces it on or off; kernels in `absorbed_kernels`): reads each phi tile once. Per tile of BLOCK_S context rows it forms the scores of BLOCK_M queries and accumulates
+2^(score - offset) x tile, flash-decoding style. E (1024) is far wider than an attention head, and
+a (queries x E) float32 accumulator plus the (queries x E) query cannot sit in one warp's
 registers, so every tensor is split along E into NC chunks of BLOCK_E columns, held as 3-D
 (NC, rows, BLOCK_E) blocks, and both products are batched dots over the chunk axis: each warp owns
 one chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
 partial scores, taken on the tensor cores: sel @ (the partials stacked by chunk, in bf16), where
-sel (BLOCK_M, NC x BLOCK_M) picks each query's rows. (Written as `tl.sum` over the warp axis,
-Triton lowered the same sum into eight rounds of shared-memory store, barrier, load, barrier per
-tile, and the ranges took 306 us instead of 123.) The context is split into ranges that run in
-parallel; each writes its unnormalised partial sum with its running max and denominator, and a
-second small kernel merges them exactly. On an H200 at 127K context: 123 us for the ranges plus
-4-7 us for the merge, against 144 us for the two matmuls and the softmax; in a whole layer 184 vs
-192 us at 127K but 89 vs 87 us at 28K (docs/results/bench_diagnostics.md). The margin is small
-and changes sign with the context length, so it stays opt-in (`CEPE_FUSED_DECODE=1`).
+sel (BLOCK_M, NC x BLOCK_M) picks each query's rows.
+
+Every exchange between warps costs a round of shared-memory stores and barriers, and an online
+softmax needs two more per tile (the row max and the row sum cross warps). So the kernel uses one
+offset per query for a whole context range, the max of the range's first tile, instead of a
+running max: the sum needs no rescaling, and the exponentials' sum and the scores' max are kept
+per element and reduced once per range. Should a range's scores stray more than 64 (log2 units)
+from that offset, it is recomputed with its own max, so the result is exact either way. Each range writes its unnormalised sum with its offset and denominator, and a
+second small kernel merges the ranges exactly. On an H200 at 127K context: 115 us for the ranges
+plus 4-7 us for the merge, against 143 us for the two matmuls and the softmax, and 135 us for the
+same kernel with an online softmax (docs/results/bench_diagnostics.md).
 
 Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
 call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
@@ -41,12 +44,17 @@ import os
 import torch
 
 MAX_QUERIES = 64  # above this the matmul path is as good (phi is shared by enough queries)
+# From this many encoder states on, the kernel is the default (H200, a whole cross-attention layer,
+# docs/results/bench_diagnostics.md): 164 vs 196 us at 127K, 86 vs 87 us at 28K, 70 vs 62 us at 4K.
+FUSED_MIN_CONTEXT = 32768
 LOG2E = 1.4426950408889634
 
 
-def enabled() -> bool:
-    """The kernel is opt-in: `CEPE_FUSED_DECODE=1` (read at each call) and Triton importable."""
-    return os.environ.get("CEPE_FUSED_DECODE") == "1" and triton_available()
+def setting() -> str:
+    """`CEPE_FUSED_DECODE` (read at each call): "1" always the kernel, "0" never, else "auto"
+    (the kernel from FUSED_MIN_CONTEXT encoder states on)."""
+    value = os.environ.get("CEPE_FUSED_DECODE", "")
+    return value if value in ("0", "1") else "auto"
 
 
 _TRITON: bool | None = None
@@ -66,137 +74,28 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def usable(device: torch.device, num_queries: int, requires_grad: bool = False) -> bool:
-    """Whether the fused kernel applies: enabled, a CUDA device (or the Triton interpreter), few
-    queries, no gradient wanted (the kernel has no backward)."""
-    if num_queries > MAX_QUERIES or (requires_grad and torch.is_grad_enabled()) or not enabled():
+def usable(device: torch.device, num_queries: int, context_len: int, requires_grad: bool = False) -> bool:
+    """Whether a call runs the fused kernel: Triton on a CUDA device (or its interpreter), few
+    queries, no gradient wanted (the kernel has no backward), and `setting()` allows it at this
+    context length."""
+    if num_queries > MAX_QUERIES or (requires_grad and torch.is_grad_enabled()) or not triton_available():
         return False
-    return device.type == "cuda" or _interpreted()
+    if not (device.type == "cuda" or _interpreted()):
+        return False
+    mode = setting()
+    return mode == "1" or (mode == "auto" and context_len >= FUSED_MIN_CONTEXT)
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    import triton
-    import triton.language as tl
+    """The Triton kernels (absorbed_partial, absorbed_combine, row_softmax_block), imported on
+    first use: CPU-only installs never import Triton."""
+    from pipeline.model import absorbed_kernels as k
 
-    @triton.jit
-    def absorbed_partial(
-        Q, PHI, MASK, ACC, MAX, SUM,
-        S, split_len, NQ, qk_scale,
-        stride_qb, stride_qm,
-        stride_pb, stride_ps,
-        stride_kb, stride_ks,
-        stride_ab, stride_as, stride_am,
-        stride_mb, stride_ms,
-        E: tl.constexpr, NC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):
-        pid_s = tl.program_id(0)  # context ranges vary fastest: the query blocks of one range run together
-        pid_m = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)  # B x S x E elements pass 2^31 at large batches
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        col = tl.arange(0, NC)[:, None, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, None, :]  # (NC, 1, BE)
-        row_ok = offs_m < NQ
-        col_ok = col < E
-        q_ptrs = Q + pid_b * stride_qb + offs_m[None, :, None] * stride_qm + col  # (NC, M, BE)
-        q_ok = row_ok[None, :, None] & col_ok
-        q3 = tl.load(q_ptrs, mask=q_ok, other=0.0)  # (NC, M, BE): one query chunk per warp
-        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a range with no valid key stays NaN-free
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([NC, BLOCK_M, BLOCK_E], tl.float32)
-        # sel[m, c * BLOCK_M + m'] = (m == m'): sel @ (partial scores stacked by chunk) sums the
-        # chunks on the tensor cores, one shared-memory exchange per tile (tl.sum over the warp
-        # axis took eight rounds of store, barrier, load, barrier)
-        stacked = tl.arange(0, NC * BLOCK_M)
-        sel = (tl.arange(0, BLOCK_M)[:, None] == (stacked % BLOCK_M)[None, :]).to(PHI.dtype.element_ty)
-        start = pid_s.to(tl.int64) * split_len
-        end = tl.minimum(start + split_len, S)
-        phi_base = PHI + pid_b * stride_pb
-        for s0 in range(start, end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            valid = offs_s < end
-            tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col,
-                           mask=valid[None, :, None] & col_ok, other=0.0)  # (NC, BS, BE)
-            part = tl.dot(q3, tl.trans(tile, (0, 2, 1)))  # (NC, M, BS): each chunk's share of the scores
-            part = tl.reshape(part.to(tile.dtype), (NC * BLOCK_M, BLOCK_S))  # rows c * M + m
-            scores = tl.dot(sel, part) * qk_scale  # (M, BS), in log2 units
-            if HAS_MASK:
-                keep = tl.load(MASK + pid_b * stride_kb + offs_s * stride_ks, mask=valid, other=0)
-                valid = valid & (keep != 0)
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])  # masked keys: 2^-inf = 0
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p3 = tl.broadcast_to(p.to(tile.dtype)[None, :, :], (NC, BLOCK_M, BLOCK_S))
-            acc = acc * alpha[None, :, None] + tl.dot(p3, tile)  # (NC, M, BE)
-            m_i = m_new
-        base = pid_b * stride_ab + pid_s * stride_as
-        tl.store(ACC + base + offs_m[None, :, None] * stride_am + col, acc, mask=q_ok)
-        stat = pid_b * stride_mb + pid_s * stride_ms + offs_m
-        tl.store(MAX + stat, m_i, mask=row_ok)
-        tl.store(SUM + stat, l_i, mask=row_ok)
-
-    @triton.jit
-    def absorbed_combine(
-        ACC, MAX, SUM, OUT,
-        SPLITS, NQ,
-        stride_ab, stride_as, stride_am,
-        stride_mb, stride_ms,
-        stride_ob, stride_om,
-        E: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-    ):
-        """out[b, m, e-block] = sum_j 2^(m_j - m) acc_j / sum_j 2^(m_j - m) l_j (ranges in log2 units)."""
-        m = tl.program_id(0)
-        pid_e = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        offs_j = tl.arange(0, SPLITS_PAD)
-        stat = b * stride_mb + offs_j * stride_ms + m
-        m_j = tl.load(MAX + stat, mask=offs_j < SPLITS, other=-float("inf"))
-        l_j = tl.load(SUM + stat, mask=offs_j < SPLITS, other=0.0)
-        w_j = tl.exp2(m_j - tl.max(m_j, 0))  # (SPLITS_PAD,); ranges with no valid key weigh 0
-        denom = tl.sum(w_j * l_j, 0)
-        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-        e_ok = offs_e < E
-        parts = tl.load(ACC + b * stride_ab + offs_j[:, None] * stride_as + m * stride_am + offs_e[None, :],
-                        mask=(offs_j < SPLITS)[:, None] & e_ok[None, :], other=0.0)  # (SPLITS_PAD, BLOCK_E)
-        out = tl.sum(w_j[:, None] * parts, 0)
-        tl.store(OUT + b * stride_ob + m * stride_om + offs_e, (out / denom).to(OUT.dtype.element_ty), mask=e_ok)
-
-    @triton.jit
-    def row_softmax_block(
-        X, MASK, MAX, SUM, OUT, N, NBLK, qk_scale, stride_xr, stride_kb, stride_mr, stride_or, ROWS_PER_BATCH,
-        BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_MASK: tl.constexpr, WRITE: tl.constexpr,
-    ):
-        """One block of a row of scale x scores (log2 units, -inf where masked). First pass
-        (WRITE=False): the block's max and sum of 2^(x - max). Second pass: probs = 2^(x - M) / Z
-        from all blocks' statistics (M the row max, Z the sum)."""
-        row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < N
-        x = tl.load(X + row * stride_xr + offs, mask=ok, other=float("-inf")).to(tl.float32) * qk_scale
-        if HAS_MASK:
-            keep = tl.load(MASK + (row // ROWS_PER_BATCH) * stride_kb + offs, mask=ok, other=0)
-            x = tl.where(keep != 0, x, float("-inf"))
-        if WRITE:
-            offs_j = tl.arange(0, NBLK_PAD)
-            m_j = tl.load(MAX + row * stride_mr + offs_j, mask=offs_j < NBLK, other=float("-inf"))
-            l_j = tl.load(SUM + row * stride_mr + offs_j, mask=offs_j < NBLK, other=0.0)
-            top = tl.max(m_j, 0)
-            denom = tl.sum(tl.exp2(m_j - top) * l_j, 0)
-            tl.store(OUT + row * stride_or + offs, (tl.exp2(x - top) / denom).to(OUT.dtype.element_ty), mask=ok)
-        else:
-            m = tl.max(x, 0)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block without a valid key sums to 0
-            tl.store(MAX + row * stride_mr + blk, m)
-            tl.store(SUM + row * stride_mr + blk, tl.sum(tl.exp2(x - m_safe), 0))
-
-    return absorbed_partial, absorbed_combine, row_softmax_block
+    return k.absorbed_partial, k.absorbed_combine, k.row_softmax_block
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,8 +137,9 @@ def partials(
     q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, splits: int,
     scale: float = 1.0, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per context range: unnormalised sums (B, splits, M, E) float32, running max and denominator
-    (B, splits, M) float32, the max in log2 units (scores x scale x log2 e).
+    """Per context range: sums of 2^(score - offset) phi (B, splits, M, E) float32, the offset and
+    the sum of 2^(score - offset) (B, splits, M) float32, scores in log2 units (x scale x log2 e);
+    the offset is -1e30 for a range without a valid key.
 
     q_abs (B, M, E); phi (B, S, E); key_mask (B, S) bool or None; scale multiplies the scores.
     """

@@ -184,8 +184,9 @@ class CepeCrossAttention(nn.Module):
 
         score_h = (q_h W_k,h) . phi_s / sqrt(d);  out_h = (sum_s p_hs phi_s) W_v,h^T
         All heads attend to the one shared phi, so the H*T queries form one "head" of width E.
-        With `CEPE_FUSED_DECODE=1`, decoding on a GPU (few queries) runs the one-pass Triton
-        kernel of `absorbed_decode` unless `fused` is False; otherwise two matmuls (phi read twice).
+        Decoding on a GPU (few queries) over a long context runs the one-pass Triton kernel of
+        `absorbed_decode` unless `fused` is False (`absorbed_decode.usable` decides); otherwise
+        two matmuls (phi read twice).
         """
         bsz, heads, q_len, d = q.shape
         e = self.encoder_hidden_size
@@ -194,7 +195,7 @@ class CepeCrossAttention(nn.Module):
         q_abs = torch.einsum("bhtd,hde->bhte", q, w_k)  # (B, H, T, E)
         q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
         ctx_len = phi.shape[1]
-        if fused and absorbed_decode.usable(q_abs.device, heads * q_len, q_abs.requires_grad):
+        if fused and absorbed_decode.usable(q_abs.device, heads * q_len, ctx_len, q_abs.requires_grad):
             mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
             ctx = absorbed_decode.absorbed_attention(q_abs, phi, mask, scale=self.scaling)  # (B, H*T, E)
         elif heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
