@@ -1,8 +1,9 @@
-"""Where the one-pass absorbed decode kernel spends its time: the same loop with parts removed.
+"""Where the version-5 one-pass absorbed decode kernel spent its time: its loop with parts removed.
 
-`pipeline/model/absorbed_decode.py`'s kernel is correct but slower than the two matmuls it would
-replace. This script times variants of its loop at LLaMA-2-7B decode shapes (32 absorbed queries
-of width 1024 over 126,976 encoder states, bf16, batch 1), each from a CUDA graph:
+That kernel (online softmax; since replaced by `pipeline/model/absorbed_kernels.py`'s, which takes
+one softmax offset per context range) was slower than the two matmuls it would replace. This
+script times variants of its loop at LLaMA-2-7B decode shapes (32 absorbed queries of width 1024
+over 126,976 encoder states, bf16, batch 1), each from a CUDA graph:
 
   sel-dot        the kernel's loop: partial scores per E-chunk (one warp each), summed on the
                  tensor cores as sel @ (partials stacked by chunk, in bf16), online softmax,
