@@ -11,13 +11,14 @@ multiprocessors do the work and it took 50 us of the 195 us of the attention at 
 into blocks of 2,048 scores, a first pass takes each block's max and sum of exponentials and a
 second normalises every block with its row's totals: 144 us for the two matmuls and softmax.
 
-`fused_attention` (the default on a GPU from FUSED_MIN_CONTEXT encoder states on; `CEPE_FUSED_DECODE`
-= 1 or 0 forces it on or off; kernels in `absorbed_kernels`): reads each phi tile once. Per tile of BLOCK_S context rows it forms the scores of BLOCK_M queries and accumulates
+`fused_attention` (the default on a GPU from FUSED_MIN_CONTEXT encoder states on;
+`CEPE_FUSED_DECODE` = 1 or 0 forces it on or off; kernels in `absorbed_kernels`): reads each phi
+tile once. Per tile of BLOCK_S context rows it forms the scores of BLOCK_M queries and accumulates
 2^(score - offset) x tile, flash-decoding style. E (1024) is far wider than an attention head, and
 a (queries x E) float32 accumulator plus the (queries x E) query cannot sit in one warp's
-registers, so every tensor is split along E into NC chunks of BLOCK_E columns, held as 3-D
-(NC, rows, BLOCK_E) blocks, and both products are batched dots over the chunk axis: each warp owns
-one chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
+registers, so every tensor is split along E into NC chunks of BLOCK_E columns, held as 3-D (NC,
+rows, BLOCK_E) blocks, and both products are batched dots over the chunk axis: each warp owns one
+chunk of the query, of the tile and of the accumulator. The scores are the sum of the chunks'
 partial scores, taken on the tensor cores: sel @ (the partials stacked by chunk, in bf16), where
 sel (BLOCK_M, NC x BLOCK_M) picks each query's rows.
 
@@ -26,10 +27,11 @@ softmax needs two more per tile (the row max and the row sum cross warps). So th
 offset per query for a whole context range, the max of the range's first tile, instead of a
 running max: the sum needs no rescaling, and the exponentials' sum and the scores' max are kept
 per element and reduced once per range. Should a range's scores stray more than 64 (log2 units)
-from that offset, it is recomputed with its own max, so the result is exact either way. Each range writes its unnormalised sum with its offset and denominator, and a
-second small kernel merges the ranges exactly. On an H200 at 127K context: 115 us for the ranges
-plus 4-7 us for the merge, against 143 us for the two matmuls and the softmax, and 135 us for the
-same kernel with an online softmax (docs/results/bench_diagnostics.md).
+from that offset, it is recomputed with its own max, so the result is exact either way. Each range
+writes its unnormalised sum with its offset and denominator, and a second small kernel merges the
+ranges exactly. On an H200 at 127K context: 116-119 us with the merge, against 143-150 us for the
+two matmuls and the softmax, and 135 us for the same kernel with an online softmax
+(docs/results/bench_diagnostics.md).
 
 Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
 call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
