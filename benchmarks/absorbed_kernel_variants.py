@@ -30,8 +30,7 @@ import triton.language as tl
 
 from pipeline.bench.device import cuda_graph_ms
 from pipeline.model import absorbed_decode
-
-MAX_DRIFT = tl.constexpr(64.0)
+from pipeline.model.absorbed_kernels import MAX_DRIFT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ if gluon is not None:
         offset = gl.where(first == float("-inf"), 0.0, first)
         acc, l_i, top = _g_pass(q3, tiles, xbuf, xrows, PHI, start, end, offset, qk_scale, stride_ps, r3, cole3,
                                 col_ok3, NC, BLOCK_M, BLOCK_S, BLOCK_E, STAGES, MMA, S2, DA, DB, False)
-        if gl.max(gl.where(top == float("-inf"), 0.0, gl.abs(top - offset)), axis=0) > 64.0:
+        if gl.max(gl.where(top == float("-inf"), 0.0, gl.abs(top - offset)), axis=0) > MAX_DRIFT:
             offset = gl.where(top == float("-inf"), 0.0, top)
             acc, l_i, top = _g_pass(q3, tiles, xbuf, xrows, PHI, start, end, offset, qk_scale, stride_ps, r3, cole3,
                                     col_ok3, NC, BLOCK_M, BLOCK_S, BLOCK_E, STAGES, MMA, S2, DA, DB, False)

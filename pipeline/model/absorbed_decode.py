@@ -76,13 +76,17 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def usable(device: torch.device, num_queries: int, context_len: int, requires_grad: bool = False) -> bool:
-    """Whether a call runs the fused kernel: Triton on a CUDA device (or its interpreter), few
-    queries, no gradient wanted (the kernel has no backward), and `setting()` allows it at this
-    context length."""
-    if num_queries > MAX_QUERIES or (requires_grad and torch.is_grad_enabled()) or not triton_available():
+def _kernels_run(device: torch.device, requires_grad: bool) -> bool:
+    """Triton on a CUDA device (or its interpreter), and no gradient wanted (no backward here)."""
+    if not triton_available() or (requires_grad and torch.is_grad_enabled()):
         return False
-    if not (device.type == "cuda" or _interpreted()):
+    return device.type == "cuda" or _interpreted()
+
+
+def usable(device: torch.device, num_queries: int, context_len: int, requires_grad: bool = False) -> bool:
+    """Whether a call runs the fused kernel: the kernels run here, few queries, and `setting()`
+    allows it at this context length."""
+    if num_queries > MAX_QUERIES or not _kernels_run(device, requires_grad):
         return False
     mode = setting()
     return mode == "1" or (mode == "auto" and context_len >= FUSED_MIN_CONTEXT)
@@ -228,10 +232,8 @@ def fused_attention(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tens
 
 
 def softmax_usable(scores: torch.Tensor) -> bool:
-    """Whether `row_softmax` applies: Triton on a CUDA device (or its interpreter), no gradient."""
-    if not triton_available() or (scores.requires_grad and torch.is_grad_enabled()):
-        return False
-    return scores.device.type == "cuda" or _interpreted()
+    """Whether `row_softmax` applies: the kernels run here (a GPU, no gradient)."""
+    return _kernels_run(scores.device, scores.requires_grad)
 
 
 def row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:

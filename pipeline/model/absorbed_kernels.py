@@ -17,12 +17,22 @@ MAX_DRIFT = tl.constexpr(64.0)
 
 
 @triton.jit
-def _tile_scores(q3, tile, sel, qk_scale, NC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """scores (M, BS) of one tile, log2 units: each warp's chunk gives a partial product (3-D dot
-    over the chunk axis), and sel @ (the partials stacked by chunk) sums them on the tensor cores."""
+def _tile_scores(q3, sel, phi_base, mask_base, s0, end, qk_scale, stride_ps, stride_ks, col, col_ok,
+                 NC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The tile of context rows s0.. (NC, BS, BE) and its scores (M, BS) in log2 units, -inf from
+    `end` on and where masked: each warp's chunk gives a partial product (3-D dot over the chunk
+    axis), and sel @ (the partials stacked by chunk) sums them on the tensor cores."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    valid = offs_s < end
+    tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col,
+                   mask=valid[None, :, None] & col_ok, other=0.0)  # (NC, BS, BE)
     part = tl.dot(q3, tl.trans(tile, (0, 2, 1)))  # (NC, M, BS)
     part = tl.reshape(part.to(tile.dtype), (NC * BLOCK_M, BLOCK_S))  # rows c * M + m
-    return tl.dot(sel, part) * qk_scale  # (M, BS)
+    scores = tl.dot(sel, part) * qk_scale  # (M, BS)
+    if HAS_MASK:
+        keep = tl.load(mask_base + offs_s * stride_ks, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return tile, tl.where(valid[None, :], scores, float("-inf"))
 
 
 @triton.jit
@@ -36,15 +46,8 @@ def _range_pass(q3, sel, phi_base, mask_base, start, end, offset, qk_scale, stri
     l_el = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
     mx_el = tl.full([BLOCK_M, BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        valid = offs_s < end
-        tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col,
-                       mask=valid[None, :, None] & col_ok, other=0.0)  # (NC, BS, BE)
-        scores = _tile_scores(q3, tile, sel, qk_scale, NC, BLOCK_M, BLOCK_S)
-        if HAS_MASK:
-            keep = tl.load(mask_base + offs_s * stride_ks, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        tile, scores = _tile_scores(q3, sel, phi_base, mask_base, s0, end, qk_scale, stride_ps, stride_ks, col, col_ok,
+                                    NC, BLOCK_M, BLOCK_S, HAS_MASK)
         mx_el = tl.maximum(mx_el, scores)
         p = tl.exp2(scores - offset[:, None])  # masked keys: 2^-inf = 0
         l_el += p
@@ -85,13 +88,8 @@ def absorbed_partial(
     phi_base = PHI + pid_b * stride_pb
     mask_base = MASK + pid_b * stride_kb
     # the offset: the first tile's max per query (0 where that tile has no valid key)
-    offs_s = start + tl.arange(0, BLOCK_S)
-    valid = offs_s < end
-    tile = tl.load(phi_base + offs_s[None, :, None] * stride_ps + col, mask=valid[None, :, None] & col_ok, other=0.0)
-    if HAS_MASK:
-        keep = tl.load(mask_base + offs_s * stride_ks, mask=valid, other=0)
-        valid = valid & (keep != 0)
-    first = tl.where(valid[None, :], _tile_scores(q3, tile, sel, qk_scale, NC, BLOCK_M, BLOCK_S), float("-inf"))
+    _tile, first = _tile_scores(q3, sel, phi_base, mask_base, start, end, qk_scale, stride_ps, stride_ks, col, col_ok,
+                                NC, BLOCK_M, BLOCK_S, HAS_MASK)
     offset = tl.max(first, 1)
     offset = tl.where(offset == float("-inf"), 0.0, offset)
     acc, l_i, top = _range_pass(q3, sel, phi_base, mask_base, start, end, offset, qk_scale, stride_ps, stride_ks,
