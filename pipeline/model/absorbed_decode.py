@@ -76,23 +76,23 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def _kernels_run(device: torch.device, requires_grad: bool) -> bool:
+def kernels_run(device: torch.device, requires_grad: bool) -> bool:
     """Triton on a CUDA device (or its interpreter), and no gradient wanted (no backward here)."""
     if not triton_available() or (requires_grad and torch.is_grad_enabled()):
         return False
-    return device.type == "cuda" or _interpreted()
+    return device.type == "cuda" or interpreted()
 
 
 def usable(device: torch.device, num_queries: int, context_len: int, requires_grad: bool = False) -> bool:
     """Whether a call runs the fused kernel: the kernels run here, few queries, and `setting()`
     allows it at this context length."""
-    if num_queries > MAX_QUERIES or not _kernels_run(device, requires_grad):
+    if num_queries > MAX_QUERIES or not kernels_run(device, requires_grad):
         return False
     mode = setting()
     return mode == "1" or (mode == "auto" and context_len >= FUSED_MIN_CONTEXT)
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -105,7 +105,7 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
+def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -121,7 +121,7 @@ def default_config(width: int) -> dict:
 
     Every warp owns one chunk of BLOCK_E columns; 16 query rows is the smallest tensor-core tile.
     """
-    if _interpreted():
+    if interpreted():
         return dict(BLOCK_M=16, BLOCK_S=16, BLOCK_E=16, num_warps=1, num_stages=1)
     block_e = 128
     return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(_chunks(width, block_e), 8), num_stages=3)
@@ -133,7 +133,7 @@ def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.de
     Fewer ranges mean smaller partial sums (splits x queries x E float32 per sequence, merged by
     the combine kernel); more keep every multiprocessor busy.
     """
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     want = max(1, -(-waves * sms // (query_blocks * batch)))
     return max(1, min(want, -(-context_len // 256)))
@@ -197,7 +197,7 @@ def combine(acc: torch.Tensor, stat_max: torch.Tensor, stat_sum: torch.Tensor, d
         stat_max.stride(0), stat_max.stride(1),
         out.stride(0), out.stride(1),
         E=e, SPLITS_PAD=splits_pad, BLOCK_E=block_e,
-        num_warps=1 if _interpreted() else 4,
+        num_warps=1 if interpreted() else 4,
     )
     return out
 
@@ -233,7 +233,7 @@ def fused_attention(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tens
 
 def softmax_usable(scores: torch.Tensor) -> bool:
     """Whether `row_softmax` applies: the kernels run here (a GPU, no gradient)."""
-    return _kernels_run(scores.device, scores.requires_grad)
+    return kernels_run(scores.device, scores.requires_grad)
 
 
 def row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,7 +260,7 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
     x = scores.reshape(bsz * rows, n)  # (B*R, N)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if _interpreted():
+    if interpreted():
         block = min(block, 64)
     nblk = triton.cdiv(n, block)
     stat_max = torch.empty(bsz * rows, nblk, device=x.device, dtype=torch.float32)
@@ -276,7 +276,7 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
     for write in (False, True):  # block statistics, then every block normalised with its row's totals
         kernel[grid](x, mask, stat_max, stat_sum, out, n, nblk, scale * LOG2E, x.stride(0), mask_stride,
                      stat_max.stride(0), out.stride(0), rows, BLOCK=block, NBLK_PAD=triton.next_power_of_2(nblk),
-                     HAS_MASK=key_mask is not None, WRITE=write, num_warps=1 if _interpreted() else 4)
+                     HAS_MASK=key_mask is not None, WRITE=write, num_warps=1 if interpreted() else 4)
     return out.view(bsz, rows, n)
 
 

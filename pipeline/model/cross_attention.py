@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import absorbed_decode
+from pipeline.model import absorbed_decode, decode_ops
 
 FORMS = ("auto", "projected", "absorbed")
 
@@ -192,7 +192,7 @@ class CepeCrossAttention(nn.Module):
         e = self.encoder_hidden_size
         w_k = self.k_proj.weight.view(heads, d, e)  # (H, d, E)
         w_v = self.v_proj.weight.view(heads, d, e)  # (H, d, E)
-        q_abs = torch.einsum("bhtd,hde->bhte", q, w_k)  # (B, H, T, E)
+        q_abs = decode_ops.absorbed_query(q, w_k)  # (B, H, T, E)
         q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
         ctx_len = phi.shape[1]
         if fused and absorbed_decode.usable(q_abs.device, heads * q_len, ctx_len, q_abs.requires_grad):
@@ -215,7 +215,7 @@ class CepeCrossAttention(nn.Module):
             kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
             ctx = self._attend(q_abs[:, None], kv, kv, key_mask, self.scaling)[:, 0]  # (B, H*T, E)
         ctx = ctx.view(bsz, heads, q_len, e)  # (B, H, T, E)
-        return torch.einsum("bhte,hde->bhtd", ctx, w_v)  # (B, H, T, d)
+        return decode_ops.absorbed_value(ctx, w_v)  # (B, H, T, d)
 
     def _attend(
         self,
