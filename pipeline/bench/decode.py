@@ -161,7 +161,7 @@ class StaticStep:
     """One greedy decode step with fixed shapes: everything it reads or writes is a buffer.
 
     State: `token` (B, 1) the last token; `position` (1,) the position it is written at;
-    `mask` (B, 1, 1, max_len): for sdpa bool, True where a key may be attended; for eager
+    `mask` (B, 1, 1, max_len): for sdpa and cepe_decode bool, True where a key may be attended; for eager
     attention additive (0 or the dtype's minimum). The model receives the 4-D mask as it is
     (transformers passes prepared 4-D masks through), so no mask is built from data inside the
     step and nothing in it synchronises with the host.
@@ -178,14 +178,14 @@ class StaticStep:
         self.token = first.clone()
         self.position = torch.full((1,), start, dtype=torch.long, device=first.device)
         impl = attention_implementation(model)
-        if impl == "sdpa":
+        if impl in ("sdpa", "cepe_decode"):
             self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=first.device)
             self.allowed: bool | float = True
         elif impl == "eager":
             self.mask = torch.full((batch, 1, 1, max_len), torch.finfo(dtype).min, dtype=dtype, device=first.device)
             self.allowed = 0.0
         else:
-            raise ValueError(f"the static-cache loop takes sdpa or eager attention, not {impl!r}")
+            raise ValueError(f"the static-cache loop takes sdpa, cepe_decode or eager attention, not {impl!r}")
         self.mask[..., :start] = self.allowed
         self.batch = batch
 

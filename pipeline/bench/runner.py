@@ -150,6 +150,10 @@ class Runner:
                 cross_attn_form=cfg.cross_attn_form, encoder_chunk_batch=cfg.encoder_chunk_batch or None,
                 compile_encoder=cfg.compile_encoder,
             )
+        if cfg.pack_decoder:
+            from pipeline.model.decode_packing import pack_for_decoding
+
+            side.packed = pack_for_decoding(side.model)
         self.say(f"built {name}: {side.weight_bytes / GB:.2f} GB of weights in {time.perf_counter() - start:.1f} s")
         return side
 
@@ -169,6 +173,7 @@ class Runner:
             "weights_gb": _gb(side.weight_bytes),
             "attn_implementation": side.attn_implementation,
             "bytes_per_context_token": side.bytes_per_context_token(),
+            "packed": getattr(side, "packed", None),
         }
         if name == "full" and not batch_max and self.config.attn_implementation == "auto":
             self._choose_attention(side)
@@ -317,7 +322,7 @@ class Runner:
 
     def _static_room(self, steps: int) -> int:
         """Cache positions `_static_best` uses: probes of each attention backend, then `steps`."""
-        probes = 2 * (DECODE_WARMUP + PROBE_STEPS) if self.config.decode_attention == "auto" else 0
+        probes = len(self._decode_candidates()) * (DECODE_WARMUP + PROBE_STEPS) if self.config.decode_attention == "auto" else 0
         return probes + DECODE_WARMUP + steps
 
     def _static_best(self, side: Any, cache: Any, first: torch.Tensor, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -333,7 +338,7 @@ class Runner:
         probes: dict[str, Any] = {}
         impl = self.config.decode_attention
         if impl == "auto":
-            for candidate in ("sdpa", "eager"):
+            for candidate in self._decode_candidates():
                 position = int(cache.layers[0].cumulative_length)
                 probes[candidate] = self._static_loop(side, cache, first, position, PROBE_STEPS, kwargs, candidate)["ms_per_token"]
             impl = min(probes, key=probes.get)
@@ -342,6 +347,14 @@ class Runner:
         if probes:
             summary["probe_ms_per_token"] = probes
         return summary
+
+    def _decode_candidates(self) -> tuple[str, ...]:
+        """Self-attention backends `decode_attention: auto` probes: sdpa and eager, and the
+        split-KV kernel (decode_ops) where it runs."""
+        from pipeline.model import decode_ops
+
+        extra = (decode_ops.ATTENTION_NAME,) if decode_ops.kernels_run(self.device, False) and decode_ops.enabled() else ()
+        return ("sdpa", "eager") + extra
 
     def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],
                      impl: str = "sdpa", compile_step: bool = False) -> dict[str, Any]:

@@ -40,6 +40,13 @@ def _random_ids(shape: tuple[int, ...], vocab: int, device: torch.device, genera
     return torch.randint(3, vocab, shape, generator=generator).to(device)
 
 
+def _registered(impl: str) -> str:
+    """`impl`, registered with transformers first if it is decode_ops' own."""
+    from pipeline.model import decode_ops
+
+    return decode_ops.register_attention() if impl == decode_ops.ATTENTION_NAME else impl
+
+
 class FullAttention:
     name = "full"
 
@@ -60,7 +67,7 @@ class FullAttention:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def set_attn_implementation(self, impl: str) -> None:
-        self.model.set_attn_implementation(impl)
+        self.model.set_attn_implementation(_registered(impl))
 
     @property
     def attn_implementation(self) -> str:
@@ -141,7 +148,7 @@ class Cepe:
 
     def set_attn_implementation(self, impl: str) -> None:
         """The decoder's self-attention backend (cross-attention keeps the one it was built with)."""
-        self.model.decoder.set_attn_implementation(impl)
+        self.model.decoder.set_attn_implementation(_registered(impl))
 
     def form(self, queries: int, context: int) -> str:
         """The cross-attention form the model picks for this many queries over this context."""
