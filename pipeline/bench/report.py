@@ -453,8 +453,10 @@ METHOD_NOTES = [
     "Context state: CEPE's encoder states; for full attention, the KV cache of the same tokens (those outside CEPE's decoder window).",
     "Plain loop: one eager `transformers` forward per token with its `DynamicCache` (launch-bound at batch 1). "
     "Static loop: a `StaticCache`, a fixed 4-D mask and on-device positions, replayed as one CUDA graph per token on a GPU. "
-    "A masked step cannot use sdpa's flash kernel, so the loop probes sdpa and eager self-attention (8 steps each) and "
-    "measures the faster. Both sides run the same loops; greedy tokens stay on the device.",
+    "A masked step cannot use sdpa's flash kernel, so the loop probes sdpa, eager and (on a GPU) the split-KV "
+    "`cepe_decode` self-attention (8 steps each) and measures the fastest. With `pack_decoder` both sides' decoders "
+    "run q/k/v and gate/up as one product each, one-token products through the GEMV kernel (decode_packing). "
+    "Both sides run the same loops; greedy tokens stay on the device.",
     "Compiled static loop (`compile_decode`): the same static loop with the model's forward `torch.compile`d "
     "(inductor, static shapes), so norms, rotary embeddings and residual adds run as a few fused kernels per layer; "
     "it is compiled during its warm-up steps and then captured as a CUDA graph like the static loop.",
