@@ -139,6 +139,15 @@ def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.de
     return max(1, min(want, -(-context_len // 256)))
 
 
+def mask_argument(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A (B, S) key mask as the kernels read it (uint8, its two strides); without a mask, any
+    tensor and zero strides (the kernels are compiled with HAS_MASK=False and never read it)."""
+    if mask is None:
+        return placeholder, (0, 0)
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return mask, (mask.stride(0), mask.stride(1))
+
+
 def partials(
     q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, splits: int,
     scale: float = 1.0, config: dict | None = None,
@@ -162,11 +171,7 @@ def partials(
     acc = torch.empty(bsz, splits, nq, e, device=phi.device, dtype=torch.float32)
     stat_max = torch.empty(bsz, splits, nq, device=phi.device, dtype=torch.float32)
     stat_sum = torch.empty_like(stat_max)
-    if key_mask is not None:
-        mask = key_mask.to(torch.uint8) if key_mask.dtype == torch.bool else key_mask
-        mask_strides = (mask.stride(0), mask.stride(1))
-    else:
-        mask, mask_strides = phi, (0, 0)  # never read (HAS_MASK=False)
+    mask, mask_strides = mask_argument(key_mask, phi)
     grid = (splits, triton.cdiv(nq, block_m), bsz)
     _kernels()[0][grid](
         q_abs, phi, mask, acc, stat_max, stat_sum,

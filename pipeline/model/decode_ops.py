@@ -29,10 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.absorbed_decode import LOG2E, interpreted, kernels_run, multiprocessors, triton_available  # noqa: F401
+from pipeline.model.absorbed_decode import (  # noqa: F401 (triton_available: re-exported)
+    LOG2E, interpreted, kernels_run, mask_argument, num_splits, triton_available,
+)
 
 ATTENTION_NAME = "cepe_decode"  # the transformers attention implementation registered here
-MIN_RANGE = 256  # cached positions per program at least (below this the merge costs more than it saves)
 
 
 def enabled() -> bool:
@@ -196,14 +197,6 @@ def kv_config() -> dict:
     return dict(BLOCK_S=32, num_warps=4, num_stages=3, waves=4)
 
 
-def kv_splits(length: int, programs: int, device: torch.device, waves: int) -> int:
-    """Ranges per head: `waves` programs per multiprocessor over all heads, each >= MIN_RANGE positions."""
-    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
-    want = max(1, -(-waves * sms // programs))
-    return max(1, min(want, -(-length // MIN_RANGE)))
-
-
 def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                  scale: float, splits: int | None = None, config: dict | None = None) -> torch.Tensor:
     """softmax(scale q k^T) v for one query per head.
@@ -219,7 +212,7 @@ def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     cfg = dict(config or kv_config())
     waves = cfg.pop("waves")
     if splits is None:
-        splits = kv_splits(length, bsz * kv_heads, query.device, waves)
+        splits = num_splits(length, bsz * kv_heads, 1, query.device, waves)  # ranges of >= 256 positions
     split_len = -(-length // splits)
     q = query[:, :, 0]  # (B, H, D)
     key = key if key.stride(-1) == 1 else key.contiguous()
@@ -227,11 +220,7 @@ def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     acc = torch.empty(bsz, heads, splits, d, device=query.device, dtype=torch.float32)
     stat_max = torch.empty(bsz, heads, splits, device=query.device, dtype=torch.float32)
     stat_sum = torch.empty_like(stat_max)
-    if mask is not None:
-        mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        mask_strides = (mask_u8.stride(0), mask_u8.stride(1))
-    else:
-        mask_u8, mask_strides = key, (0, 0)  # never read (HAS_MASK=False)
+    mask_u8, mask_strides = mask_argument(mask, key)
     k = _kernels()
     k.kv_partial[(splits, kv_heads, bsz)](
         q, key, value, mask_u8, acc, stat_max, stat_sum,
