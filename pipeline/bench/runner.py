@@ -394,7 +394,19 @@ class Runner:
     def _profile(self, side: Any, split: Split) -> dict[str, Any]:
         """A torch.profiler table of one prefill and of a few eager static-cache decode steps
         (eager, so every kernel shows), and with `compile_decode` of a few compiled steps (not
-        graph-replayed, so their kernels show), for finding where a side's time goes."""
+        graph-replayed, so their kernels show), for finding where a side's time goes. The decode
+        steps use `decode_attention` unless it is auto (then the side's own attention)."""
+        impl = self.config.decode_attention
+        previous = side.attn_implementation
+        if impl in ("auto", previous):
+            return self._profile_tables(side, split)
+        side.set_attn_implementation(impl)
+        try:
+            return self._profile_tables(side, split)
+        finally:
+            side.set_attn_implementation(previous)
+
+    def _profile_tables(self, side: Any, split: Split) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
