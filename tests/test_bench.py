@@ -155,11 +155,11 @@ def tiny_sides():
     }
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "cepe_decode"])
 @pytest.mark.parametrize("name", ["full", "cepe"])
 def test_static_loop_generates_the_plain_loops_tokens(tiny_sides, name, impl):
     side = tiny_sides[name]
-    side.set_attn_implementation(impl)  # the 4-D mask is boolean for sdpa, additive for eager
+    side.set_attn_implementation(impl)  # the 4-D mask is boolean for sdpa and cepe_decode, additive for eager
     try:
         _static_equals_plain(side, name)
     finally:
@@ -188,6 +188,23 @@ def _static_equals_plain(side, name, compile_step=False):
         kwargs = {"encoder_hidden_states": states.flip(1) * 3}
         swapped = decode.plain_decode(side.model, other.cache, other.first, 5, clock, kwargs)
         assert not torch.equal(swapped.tokens, plain.tokens)
+
+
+@pytest.mark.parametrize("name", ["full", "cepe"])
+def test_packed_sides_decode_as_the_plain_loop(name):
+    """`pack_decoder`: a side packed for decoding still generates its plain loop's tokens."""
+    from pipeline.bench.sides import Cepe, FullAttention
+    from pipeline.model.decode_packing import pack_for_decoding
+
+    dec = decoder_config("tiny")
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    if name == "full":
+        side = FullAttention(dec, cpu, torch.float32, max_positions=512)
+    else:
+        side = Cepe(dec, encoder_config("tiny", dec.vocab_size), cpu, torch.float32, encoder_chunk_batch=4)
+    assert pack_for_decoding(side.model)["attention"] == costs.Shape.of(dec).layers
+    _static_equals_plain(side, name)
 
 
 @pytest.mark.parametrize("name", ["full", "cepe"])

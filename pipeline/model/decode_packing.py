@@ -4,7 +4,7 @@ At batch 1 every weight product of a decoding step is a matrix-vector product wh
 bytes over the bandwidth plus a fixed cost per launch; three 4096 x 4096 products take 37 us on an
 H200 where one 12288 x 4096 product takes 26 (`benchmarks/decode_ops.py`). `pack_for_decoding`
 gives every self-attention one packed q/k/v weight and every MLP one packed gate/up weight
-(copied once, the separate weights freed: no extra memory), and routes every product of the
+(copied once and the separate weights freed, so the model's size does not change), and routes every product of the
 decoder layers through `decode_ops.linear` (the GEMV kernel for one token on a GPU, F.linear
 otherwise). The layers' own forward code still runs:
 
@@ -95,7 +95,7 @@ def _linears(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | Non
 
 def _packed_linear(parts: list[nn.Linear]) -> DecodeLinear:
     """One DecodeLinear holding the parts' weights (and biases) stacked by rows; each part's own
-    storage is released as it is copied, so at most one part is held twice."""
+    storage is released once copied, so only the parts being packed are ever held twice."""
     first = parts[0]
     requires_grad = first.weight.requires_grad
     rows = sum(p.out_features for p in parts)
