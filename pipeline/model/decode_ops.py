@@ -273,11 +273,13 @@ def kv_usable(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tens
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The "cepe_decode" attention implementation: `kv_attention` for one-token steps, sdpa's
-    function for everything else (same arguments and result layout, (B, T, H, D))."""
+    """The "cepe_decode" attention implementation: `kv_attention` for one-token steps of plain
+    softmax attention, sdpa's function for everything else (logit soft-capping, attention sinks,
+    dropout, several queries; same arguments and result layout, (B, T, H, D))."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 and kv_usable(query, key, attention_mask):
+    plain = all(kwargs.get(name) is None for name in ("softcap", "s_aux", "sinks"))  # options the kernel lacks
+    if dropout == 0.0 and plain and kv_usable(query, key, attention_mask):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         mask = attention_mask[:, 0, 0, : key.shape[2]] if attention_mask is not None else None  # (B, L)
         return torch.ops.cepe.kv_attention(query, key, value, mask, scale), None
