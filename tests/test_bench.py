@@ -141,18 +141,21 @@ def test_preset_or_path_errors_name_the_option(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Decode loops: the static-cache loop generates exactly what the plain loop does
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_sides():
+def _tiny_side(name: str):
+    """One side at the tiny presets, on the CPU in float32."""
     from pipeline.bench.sides import Cepe, FullAttention
 
     dec = decoder_config("tiny")
-    enc = encoder_config("tiny", dec.vocab_size)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    return {
-        "full": FullAttention(dec, cpu, torch.float32, max_positions=512),
-        "cepe": Cepe(dec, enc, cpu, torch.float32, encoder_chunk_batch=4),
-    }
+    if name == "full":
+        return FullAttention(dec, cpu, torch.float32, max_positions=512)
+    return Cepe(dec, encoder_config("tiny", dec.vocab_size), cpu, torch.float32, encoder_chunk_batch=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_sides():
+    return {name: _tiny_side(name) for name in ("full", "cepe")}
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "cepe_decode"])
@@ -193,17 +196,10 @@ def _static_equals_plain(side, name, compile_step=False):
 @pytest.mark.parametrize("name", ["full", "cepe"])
 def test_packed_sides_decode_as_the_plain_loop(name):
     """`pack_decoder`: a side packed for decoding still generates its plain loop's tokens."""
-    from pipeline.bench.sides import Cepe, FullAttention
     from pipeline.model.decode_packing import pack_for_decoding
 
-    dec = decoder_config("tiny")
-    cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    if name == "full":
-        side = FullAttention(dec, cpu, torch.float32, max_positions=512)
-    else:
-        side = Cepe(dec, encoder_config("tiny", dec.vocab_size), cpu, torch.float32, encoder_chunk_batch=4)
-    assert pack_for_decoding(side.model)["attention"] == costs.Shape.of(dec).layers
+    side = _tiny_side(name)
+    assert pack_for_decoding(side.model)["attention"] == costs.Shape.of(decoder_config("tiny")).layers
     _static_equals_plain(side, name)
 
 

@@ -32,7 +32,8 @@ def _cache(out):
 def test_packing_keeps_logits_and_restores_the_state_dict(family):
     model = tiny_decoder(family)
     for p in model.parameters():  # qwen2's q/k/v biases are zero at init: make them count
-        torch.nn.init.normal_(p, std=0.05) if p.dim() == 1 else None
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, std=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(3, 100, (2, 11))
     with torch.no_grad():

@@ -11,6 +11,7 @@ A measurement that runs out of memory is recorded as `{"oom": true}` and the run
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -173,7 +174,7 @@ class Runner:
             "weights_gb": _gb(side.weight_bytes),
             "attn_implementation": side.attn_implementation,
             "bytes_per_context_token": side.bytes_per_context_token(),
-            "packed": getattr(side, "packed", None),
+            "packed": side.packed,
         }
         if name == "full" and not batch_max and self.config.attn_implementation == "auto":
             self._choose_attention(side)
@@ -326,14 +327,15 @@ class Runner:
         return probes + DECODE_WARMUP + steps
 
     def _static_best(self, side: Any, cache: Any, first: torch.Tensor, steps: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The static-cache loop with the faster self-attention for it.
+        """The static-cache loop with the fastest self-attention for it.
 
         With a static cache every step needs a mask over the preallocated positions. sdpa then
         cannot use its flash kernel (no masks; the one that splits a long KV cache across the
         GPU) and falls back to a kernel that may spread one query over few SMs, while eager
-        attention is two batched matrix-vector products: which one reads a 128K cache faster
-        depends on the device, so with `decode_attention: auto` both are probed (a few graph
-        steps each) and the faster one is measured. Both sides get the same choice.
+        attention is two batched matrix-vector products, and cepe_decode (on a GPU) splits each
+        head's cache across the GPU: which one reads a cache fastest depends on the device and
+        the cache's length, so with `decode_attention: auto` each is probed (a few graph steps)
+        on each side and the fastest is measured.
         """
         probes: dict[str, Any] = {}
         impl = self.config.decode_attention
@@ -358,17 +360,11 @@ class Runner:
 
     def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],
                      impl: str = "sdpa", compile_step: bool = False) -> dict[str, Any]:
-        """The static-cache loop with the decoder's self-attention set to `impl` (sdpa or eager;
-        flash-attn takes no 4-D mask), as a CUDA graph where possible: a capture failure other
-        than out of memory is recorded and the loop is measured eagerly instead."""
-        previous = side.attn_implementation
-        if previous != impl:
-            side.set_attn_implementation(impl)
-        try:
+        """The static-cache loop with the decoder's self-attention set to `impl` (sdpa, eager or
+        cepe_decode; flash-attn takes no 4-D mask), as a CUDA graph where possible: a capture
+        failure other than out of memory is recorded and the loop is measured eagerly instead."""
+        with _attention(side, impl):
             summary = self._static_loop_or_eager(side, cache, first, start, steps, kwargs, compile_step)
-        finally:
-            if previous != impl:
-                side.set_attn_implementation(previous)
         summary["attn_implementation"] = impl
         return summary
 
@@ -397,14 +393,8 @@ class Runner:
         graph-replayed, so their kernels show), for finding where a side's time goes. The decode
         steps use `decode_attention` unless it is auto (then the side's own attention)."""
         impl = self.config.decode_attention
-        previous = side.attn_implementation
-        if impl in ("auto", previous):
+        with _attention(side, side.attn_implementation if impl == "auto" else impl):
             return self._profile_tables(side, split)
-        side.set_attn_implementation(impl)
-        try:
-            return self._profile_tables(side, split)
-        finally:
-            side.set_attn_implementation(previous)
 
     def _profile_tables(self, side: Any, split: Split) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity, profile
@@ -520,6 +510,19 @@ def plan_batch(free: int, reserve: int, transient: int, per_sequence: float, max
     if batch > max_batch:
         return max_batch, why + f"; capped at max_batch {max_batch}"
     return batch, why
+
+
+@contextlib.contextmanager
+def _attention(side: Any, impl: str):
+    """The side's decoder self-attention set to `impl` for the block, restored after."""
+    previous = side.attn_implementation
+    if previous != impl:
+        side.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        if previous != impl:
+            side.set_attn_implementation(previous)
 
 
 def _table(prof: Any, sort_by: str) -> str:

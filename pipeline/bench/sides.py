@@ -49,6 +49,7 @@ def _registered(impl: str) -> str:
 
 class FullAttention:
     name = "full"
+    packed: dict[str, int] | None = None  # what pack_for_decoding packed, when the runner packs the decoder
 
     def __init__(self, decoder_config: Any, device: torch.device, dtype: torch.dtype, max_positions: int,
                  attn_implementation: str = "sdpa"):
@@ -114,6 +115,7 @@ class FullAttention:
 
 class Cepe:
     name = "cepe"
+    packed: dict[str, int] | None = None  # what pack_for_decoding packed, when the runner packs the decoder
 
     def __init__(self, decoder_config: Any, encoder_config: Any, device: torch.device, dtype: torch.dtype,
                  cross_attn_form: str = "auto", encoder_chunk_batch: int | None = None,

@@ -50,13 +50,17 @@ def _kernels():
     return k
 
 
+def _runs_here(*tensors: torch.Tensor) -> bool:
+    """The kernels are on and run on these tensors' device with no gradient wanted."""
+    return enabled() and kernels_run(tensors[0].device, any(t.requires_grad for t in tensors))
+
+
 # ---------------------------------------------------------------------------------------------
 # One token's weight product
 # ---------------------------------------------------------------------------------------------
 def gemv_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row times a 2-D weight on a device where the kernel runs (no gradient wanted)."""
-    return (x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1 and enabled()
-            and kernels_run(x.device, x.requires_grad or weight.requires_grad))
+    return x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1 and _runs_here(x, weight)
 
 
 def gemv_config(n: int, k: int) -> dict:
@@ -133,8 +137,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def heads_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x (B, H, T, ·) with B x T = 1 on a device where the kernels run."""
-    return (x.shape[0] * x.shape[2] == 1 and weight.is_contiguous() and enabled()
-            and kernels_run(x.device, x.requires_grad or weight.requires_grad))
+    return x.shape[0] * x.shape[2] == 1 and weight.is_contiguous() and _runs_here(x, weight)
 
 
 def absorbed_query(q: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
@@ -217,9 +220,7 @@ def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     if splits is None:
         splits = num_splits(length, bsz * kv_heads, 1, query.device, waves)  # ranges of >= 256 positions
     split_len = -(-length // splits)
-    q = query[:, :, 0]  # (B, H, D)
-    key = key if key.stride(-1) == 1 else key.contiguous()
-    value = value if value.stride(-1) == 1 else value.contiguous()
+    q, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query[:, :, 0], key, value))  # q (B, H, D)
     acc = torch.empty(bsz, heads, splits, d, device=query.device, dtype=torch.float32)
     stat_max = torch.empty(bsz, heads, splits, device=query.device, dtype=torch.float32)
     stat_sum = torch.empty_like(stat_max)
@@ -262,12 +263,12 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
 def kv_usable(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     """One query per head, a power-of-two head width, a boolean (B, 1, 1, L) mask or none, and a
     device where the kernels run."""
-    if query.shape[2] != 1 or not enabled() or key.shape[-1] & (key.shape[-1] - 1):
+    if query.shape[2] != 1 or key.shape[-1] & (key.shape[-1] - 1):
         return False
     if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
                                        or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1):
         return False
-    return kernels_run(query.device, query.requires_grad or key.requires_grad)
+    return _runs_here(query, key)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -66,11 +66,11 @@ class PackedMLPMixin:
     elementwise product is computed inside the down projection's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj(x)  # (..., 2 x intermediate): gate, then up
         down = self.down_proj
-        if self.gate_up_widths[0] == self.gate_up_widths[1] and type(down) is DecodeLinear and down.bias is None:
+        if type(down) is DecodeLinear and down.bias is None:
             return decode_ops.gated_linear(gate_up, down.weight, self.act_fn)
-        gate, up = gate_up.split(self.gate_up_widths, dim=-1)
+        gate, up = gate_up.chunk(2, dim=-1)
         return down(self.act_fn(gate) * up)
 
 
@@ -97,23 +97,22 @@ def _packed_linear(parts: list[nn.Linear]) -> DecodeLinear:
     """One DecodeLinear holding the parts' weights (and biases) stacked by rows; each part's own
     storage is released once copied, so only the parts being packed are ever held twice."""
     first = parts[0]
-    requires_grad = first.weight.requires_grad
+    grads = first.weight.requires_grad, first.bias is not None and first.bias.requires_grad
     rows = sum(p.out_features for p in parts)
     weight = torch.empty(rows, first.in_features, device=first.weight.device, dtype=first.weight.dtype)
     bias = None if first.bias is None else torch.empty(rows, device=first.bias.device, dtype=first.bias.dtype)
     start = 0
-    for part in parts:
+    for part in parts:  # (the callers run without autograd)
         stop = start + part.out_features
-        with torch.no_grad():
-            weight[start:stop].copy_(part.weight)
-            if bias is not None:
-                bias[start:stop].copy_(part.bias)
+        weight[start:stop].copy_(part.weight)
+        if bias is not None:
+            bias[start:stop].copy_(part.bias)
         part.weight = None  # free it now
         part.bias = None
         start = stop
     packed = DecodeLinear(first.in_features, rows, bias=bias is not None, device="meta")
-    packed.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    packed.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    packed.weight = nn.Parameter(weight, requires_grad=grads[0])
+    packed.bias = None if bias is None else nn.Parameter(bias, requires_grad=grads[1])
     return packed
 
 
@@ -141,12 +140,12 @@ def pack_attention(attn: nn.Module) -> bool:
 
 
 def pack_mlp(mlp: nn.Module) -> bool:
+    """Pack one MLP's gate/up (equal widths) in place; False (untouched) where the layout is not known."""
     if isinstance(mlp, PackedMLPMixin) or not hasattr(mlp, "act_fn") or not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
         return False
     parts = _linears(mlp, GATE_UP)
-    if parts is None:
+    if parts is None or parts[0].out_features != parts[1].out_features:
         return False
-    mlp.gate_up_widths = [p.out_features for p in parts]
     mlp.gate_up_proj = _packed_linear(parts)
     del mlp.gate_proj, mlp.up_proj
     mlp.__class__ = _packed_class(PackedMLPMixin, type(mlp))
@@ -194,8 +193,7 @@ def unpack_for_decoding(model: nn.Module) -> None:
             _unpack(attn, "qkv_proj", QKV, [s.out_features for s in slices])
             attn.__class__ = attn._unpacked_class
         if isinstance(mlp, PackedMLPMixin):
-            _unpack(mlp, "gate_up_proj", GATE_UP, mlp.gate_up_widths)
-            del mlp.gate_up_widths
+            _unpack(mlp, "gate_up_proj", GATE_UP, [mlp.gate_up_proj.out_features // 2] * 2)
             mlp.__class__ = mlp._unpacked_class
         for child in layer.modules():
             if type(child) is DecodeLinear:
