@@ -3,6 +3,11 @@
 A stage never leaves a half-written output: files are written to a temporary name in the same
 directory and renamed into place (rename is atomic on POSIX within one filesystem); directories
 are built under a temporary sibling name and renamed when complete.
+
+Temporary names are `.<name>.<pid>.<random>.tmp`: a process killed with -9 cannot remove its own,
+so the next write of the same output (`remove_stale_temps`, called by `atomic_directory`, and
+by the training loop at start) removes those whose process is gone, and says so on stderr.
+JSON is written strict: NaN and infinities become null (`finite_or_null`).
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -23,10 +31,76 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def remove_stale_temps(path: str | os.PathLike[str], log: Callable[[str], None] = _err) -> list[Path]:
+    """Remove the temporary siblings an interrupted earlier write of `path` left; say so.
+
+    Only this module's own names for `path` (`.<name>.<pid>.<random>.tmp`, and the pid-less
+    `.<name>.<random>.tmp` of earlier versions) whose process is no longer running; and when
+    `path` is missing but `.<name>.old` exists (killed between the two renames of
+    `atomic_directory`), the old version is put back. Returns what was removed.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    for candidate in parent.iterdir():
+        match = pattern.match(candidate.name)
+        if not match:
+            continue
+        pid = match.group(1)
+        if pid is not None and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another live process is writing it
+        if pid is not None and int(pid) == os.getpid():
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+        removed.append(candidate)
+        log(f"removed {candidate}, left by an interrupted earlier run")
+    old = parent / f".{path.name}.old"
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+        log(f"restored {path} from {old}, left by a run interrupted while replacing it")
+    return removed
+
+
+def finite_or_null(obj: Any) -> Any:
+    """NaN/inf -> None, through dicts, lists and tuples: what strict JSON can hold."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
@@ -45,7 +119,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+    """Strict JSON (NaN/inf as null), written atomically."""
+    text = json.dumps(finite_or_null(obj), indent=indent, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 @contextlib.contextmanager
@@ -57,7 +133,8 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = True) -> It
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -32,17 +32,26 @@ keys of each training stage). `task` is a `TrainTask`:
 - `tokens_in(batch) -> int`: tokens a batch processes, for tokens/s (default: every
   `*input_ids` tensor's size, decoder and encoder tokens alike).
 
-Outputs under `options.output`: `config.yaml` (written by the stage), `checkpoints/step-N/`
-(trainable weights, optimiser, scheduler, RNG of every process, step and data position;
+Outputs under `options.output`: `config.yaml` (the resolved options, written once the run has
+really started: data, model and checkpoint loaded and checked; a run that fails before leaves
+the previous one), `checkpoints/step-N/` (`pipeline.train.checkpoints`: trainable weights,
+optimiser, RNG of every process, step, data position and bookkeeping, as safetensors + JSON;
 written atomically, the last `keep_checkpoints` kept), `steps.tsv`, `validation.tsv`,
-`metrics.json`, `model/` (`save_pretrained`), optionally `tensorboard/`.
+`metrics.json` (strict JSON: NaN as null), `model/` (`save_pretrained`), optionally
+`tensorboard/`.
 
-Resume: `resume="auto"` takes the newest checkpoint under `output/checkpoints` whose recorded
-config matches (else starts afresh), `resume=PATH` that checkpoint. A run killed at step k and
-resumed ends with the same weights as an uninterrupted one (bit-identical on CPU in the tests).
+Resume: `resume="auto"` takes the newest checkpoint under `output/checkpoints` if its settings
+allow (`pipeline.train.checkpoints` says which may change: max_steps and the free keys), else
+starts afresh with the earlier checkpoints moved aside; `resume=PATH` that checkpoint, under the
+same settings check (a mismatch is an error). A run killed at step k and resumed ends with the
+same weights, `steps.tsv`, `validation.tsv` and `metrics.json` (timings aside) as an
+uninterrupted one: validation at step s runs before the checkpoint of step s, and a checkpoint
+written before its step's validation (a signal) has it run on resume.
 SIGTERM and SIGINT finish the current optimiser step, write a checkpoint and raise
 `TrainingInterrupted` (the CLI exits with 128 + the signal number, no traceback); a second
-SIGINT interrupts at once.
+SIGINT interrupts at once. A step whose loss or gradient norm is not finite is not applied: the
+run stops with `TrainingDiverged` (one line), the checkpoints written so far kept. A full disk
+is one line too (`CepeError`), naming the file.
 
 Distribution: one CPU, one GPU, or several processes started by `accelerate launch` (DDP;
 FSDP through an accelerate config). Each process reads its own slice of every global batch,
@@ -53,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
@@ -60,7 +70,6 @@ import resource
 import shutil
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -70,14 +79,11 @@ import torch
 
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, remove_stale_temps
+from pipeline.train import checkpoints as ckpt
+from pipeline.train.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, math_config  # noqa: F401 (API)
 from pipeline.train.logging import MetricsLogger, require_tensorboard
-
-CHECKPOINT_PREFIX = "step-"
-
-# Options that change what is computed; a checkpoint resumes only a run that agrees on them.
-_NOT_MATH = {"output", "save_every", "keep_checkpoints", "log_every", "tensorboard", "num_workers",
-             "eval_every", "eval_windows", "eval_batch_size", "progress"}
+from pipeline.train.state_files import load_state, load_tensors, save_state, save_tensors
 
 
 @dataclass
@@ -123,8 +129,11 @@ class LoopOptions:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: expected a positive number, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: expected a finite positive number, got {self.lr}")
+        for key in ("weight_decay", "adam_eps", "warmup_ratio", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key}: expected a finite number, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -143,6 +152,10 @@ class LoopOptions:
                 require_tensorboard()
             except CepeError as exc:
                 raise ConfigError(str(exc)) from None
+
+
+class TrainingDiverged(CepeError):
+    """The loss or gradient norm of a step was not finite; the step was not applied."""
 
 
 class TrainingInterrupted(CepeError):
@@ -234,46 +247,6 @@ class KeyedDataset(torch.utils.data.Dataset):
 # checkpoints
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (temporary `.step-*` directories excluded)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def math_config(options: Any) -> dict[str, Any]:
-    """The options that define the computation (a checkpoint of another config is not resumed)."""
-    return {k: v for k, v in dataclasses.asdict(options).items() if k not in _NOT_MATH}
-
-
-def find_resume(resume: str | None, root: Path, options: Any, log: Callable[[str], None]) -> Path | None:
-    """Resolve `--resume auto|PATH` to a checkpoint directory, or None for a fresh start."""
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise CepeError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-        return path
-    wanted = _jsonable(math_config(options))
-    for path in reversed(list_checkpoints(root)):
-        import json
-
-        recorded = json.loads((path / "state.json").read_text()).get("config")
-        if recorded == wanted:
-            return path
-        log(f"resume auto: {path} was written with other settings; not resuming from it")
-    return None
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -282,7 +255,7 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    random.setstate(state["python"])  # (version, tuple of 625 ints, gauss): state_files keeps tuples
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -342,6 +315,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, options: LoopOptions):
                              scheduler_specific_kwargs={"min_lr_rate": options.min_lr_ratio})
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[options.lr_schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=options.max_steps)
+
+
+def _restore_schedule(scheduler: Any, step: int) -> None:
+    """Put a freshly built schedule at `step` (each optimiser step advances it once).
+
+    The schedule is rebuilt from the options on resume rather than loaded, so a run extended
+    to more `max_steps` follows the schedule over the new length from the resumed step (as the
+    HF Trainer does); with unchanged options the learning rates are the very ones the
+    interrupted run had (LambdaLR computes base_lr * lambda(step) either way).
+    """
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -436,6 +425,11 @@ class _Trainer:
         return {n: p.detach().to("cpu", copy=True) for n, p in unwrapped.named_parameters() if n in names}
 
     def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-N/` atomically (built as `.step-N.tmp`, renamed when complete).
+
+        On any failure (a full disk included) the temporary directory is removed again; the
+        checkpoints written before stay as they were.
+        """
         from accelerate.utils import DistributedType
 
         step = self.state["step"]
@@ -447,64 +441,93 @@ class _Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        rank = self.acc.process_index
-        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-        if fsdp:
-            torch.save(self.optimizer.state_dict(), tmp / f"optimizer-{rank}.pt")
-        if self.main:
-            torch.save(weights, tmp / "trainable.pt")
-            if not fsdp:
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            atomic_write_json(tmp / "state.json", {**self.state, "world_size": self.acc.num_processes,
-                                                   "config": _jsonable(math_config(self.options))})
-        self.acc.wait_for_everyone()
-        if self.main:
-            for f in tmp.iterdir():  # make the files durable before the rename publishes them
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in list_checkpoints(self.ckpt_root)[: -self.options.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            self._write_checkpoint_files(tmp, weights, fsdp)
+            self.acc.wait_for_everyone()
+            if self.main:
+                files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+                atomic_write_json(tmp / ckpt.STATE, {**self.state, "format": ckpt.FORMAT_VERSION,
+                                                     "world_size": self.acc.num_processes,
+                                                     "config": ckpt.options_record(self.options), "files": files})
+                for f in tmp.iterdir():  # make the files durable before the rename publishes them
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                ckpt.prune(self.ckpt_root, self.options.keep_checkpoints)
+        except BaseException:
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.acc.wait_for_everyone()
         return final
 
+    def _write_checkpoint_files(self, tmp: Path, weights: dict[str, torch.Tensor], fsdp: bool) -> None:
+        """This process's files of a checkpoint: RNG (every process), optimiser (every process
+        under FSDP, else the main one) and the trainable weights (main)."""
+        rank = self.acc.process_index
+        save_state(_rng_state(), tmp, f"rng-{rank}")
+        if fsdp:
+            save_state(self.optimizer.state_dict(), tmp, f"optimizer-{rank}")
+        if self.main:
+            save_tensors(weights, tmp / "trainable.safetensors")
+            if not fsdp:
+                save_state(self.optimizer.state_dict(), tmp, "optimizer")
+
     def _load_weights(self, path: Path) -> None:
-        weights = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
+        weights = load_tensors(path / "trainable.safetensors")
         missing = self.trainable_names - set(weights)
         unexpected = set(weights) - self.trainable_names
         if missing or unexpected:
             raise CepeError(f"--resume {path}: checkpoint does not fit this model "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         params = dict(self.task.model.named_parameters())
+        for name, value in weights.items():
+            if value.shape != params[name].shape:
+                raise CepeError(f"{path / 'trainable.safetensors'}: {name} has shape {tuple(value.shape)}, "
+                                f"this model {tuple(params[name].shape)}; the checkpoint is of another model")
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
 
     def _load_rest(self, path: Path) -> None:
-        import json
-
         from accelerate.utils import DistributedType
 
         rank = self.acc.process_index
-        if self.acc.distributed_type == DistributedType.FSDP:
-            opt = torch.load(path / f"optimizer-{rank}.pt", map_location="cpu", weights_only=False)
-        else:
-            opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(opt)
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        saved = json.loads((path / "state.json").read_text())
+        stem = f"optimizer-{rank}" if self.acc.distributed_type == DistributedType.FSDP else "optimizer"
+        try:
+            self.optimizer.load_state_dict(load_state(path, stem))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CepeError(f"{path / (stem + '.json')}: optimiser state does not fit this run "
+                            f"({str(exc).splitlines()[0]}); resume from another checkpoint") from None
+        saved = ckpt.read_state(path) or {}
         self.state.update({k: saved[k] for k in self.state if k in saved})
-        rng_file = path / f"rng-{rank}.pt"
-        if saved.get("world_size") == self.acc.num_processes and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        _restore_schedule(self.scheduler, self.state["step"])
+        if saved.get("world_size") == self.acc.num_processes and (path / f"rng-{rank}.json").is_file():
+            _set_rng_state(load_state(path, f"rng-{rank}"))
         else:
             self.log(f"resume: checkpoint written by {saved.get('world_size')} processes, now "
                      f"{self.acc.num_processes}; RNG states not restored (data order and masks are)")
 
     # -- the run -----------------------------------------------------------------------------
+    def _prepare_output(self) -> Path | None:
+        """Clean what an interrupted run of this stage left, then pick the checkpoint to resume
+        (main process decides; the others follow)."""
+        resume_from = None
+        if self.main:
+            for name in ("model", "metrics.json", "steps.tsv", "validation.tsv", "config.yaml"):
+                remove_stale_temps(self.out / name, self.log)
+            ckpt.clean_leftovers(self.ckpt_root, self.log)
+            resume_from = ckpt.resolve_resume(self.resume, self.ckpt_root, self.options, self.log)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [str(resume_from) if resume_from else None]
+            broadcast_object_list(box, from_process=0)
+            resume_from = Path(box[0]) if box[0] else None
+        return resume_from
+
     def run(self) -> dict[str, Any]:
         o, task, acc = self.options, self.task, self.acc
         from accelerate.utils import set_seed
@@ -512,10 +535,7 @@ class _Trainer:
         set_seed(o.seed)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # peak memory of this run, not of the process
-        resume_from = find_resume(self.resume, self.ckpt_root, o, self.log)
-        if self.main and resume_from is None and list_checkpoints(self.ckpt_root):
-            self.log(f"starting afresh: removing earlier checkpoints in {self.ckpt_root}")
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        resume_from = self._prepare_output()
         acc.wait_for_everyone()
 
         model = task.model
@@ -543,11 +563,15 @@ class _Trainer:
         optimizer = build_optimizer(named, o)
         self.scheduler = build_scheduler(optimizer, o)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # Everything a resumed run needs to continue steps.tsv / validation.tsv / metrics.json
+        # exactly as an uninterrupted one (saved in every checkpoint's state.json).
         self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0,
-                                      "loss_first": None}
+                                      "loss_first": None, "loss_last": None, "loss_window": [],
+                                      "last_val_step": None, "val": None}
         if resume_from is not None:
             self._load_rest(resume_from)
             self.log(f"resumed from {resume_from} at step {self.state['step']}")
+        self._write_config()
 
         logger = MetricsLogger(self.out, enabled=self.main, tensorboard=o.tensorboard)
         logger.start(self.state["step"])
@@ -558,16 +582,37 @@ class _Trainer:
                                              collate_fn=task.collate, num_workers=o.num_workers,
                                              pin_memory=acc.device.type == "cuda")
         batches = iter(loader)
-        val = None
         try:
-            val = self._train(batches, logger)
+            self._validate_if_pending(logger)
+            self._train(batches, logger)
         finally:
             logger.close()
             del batches, loader
-        return self._finish(logger, val)
+        return self._finish(logger)
+
+    def _write_config(self) -> None:
+        """config.yaml: the options of the run that is now really starting (main process)."""
+        if self.main:
+            from pipeline.config import save_resolved
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_resolved(self.options, self.out / "config.yaml")
+
+    def _is_validation_step(self, step: int) -> bool:
+        o = self.options
+        return step == o.max_steps or bool(o.eval_every and step % o.eval_every == 0)
+
+    def _validate_if_pending(self, logger: MetricsLogger) -> None:
+        """A checkpoint written before its step's validation (a signal stopped the run there):
+        validate now, so validation.tsv has the row an uninterrupted run has."""
+        step = self.state["step"]
+        if 0 < step < self.options.max_steps and self._is_validation_step(step) \
+                and self.state["last_val_step"] != step:
+            self._validate(logger)
 
     def _validate(self, logger: MetricsLogger) -> dict[str, float] | None:
         t = self.task
+        self.state["last_val_step"] = self.state["step"]
         if t.val_data is None or t.eval_nll is None or len(t.val_data) == 0:
             return None
         from accelerate.utils import DistributedType
@@ -583,9 +628,32 @@ class _Trainer:
                            device=self.acc.device, autocast=self.acc.autocast)
         logger.log_validation({"step": self.state["step"], **res})
         self.log(f"step {self.state['step']}: val_loss {res['val_loss']:.4f} val_ppl {res['val_ppl']:.3f}")
+        self.state["val"] = res
         return res
 
-    def _train(self, batches: Iterator[dict[str, Any]], logger: MetricsLogger) -> dict[str, float] | None:
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop before applying a step whose loss or gradient norm is NaN/inf (all processes agree)."""
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))).float()
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="max")
+        if not bool(bad):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = list_checkpoints(self.ckpt_root)
+        where = f"the last checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written before it"
+        raise TrainingDiverged(
+            f"step {self.state['step'] + 1}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}: training "
+            f"diverged; the step was not applied and {where}; lower lr (or raise warmup_ratio) and start again")
+
+    def _record_loss(self, loss_value: float) -> None:
+        """First, last and the mean of the last 10 logged losses (`loss` in metrics.json)."""
+        st = self.state
+        if st["loss_first"] is None:
+            st["loss_first"] = loss_value
+        st["loss_window"] = (st["loss_window"] + [loss_value])[-10:]
+        st["loss_last"] = loss_value
+
+    def _train(self, batches: Iterator[dict[str, Any]], logger: MetricsLogger) -> None:
         from tqdm.auto import tqdm
 
         o, acc, task = self.options, self.acc, self.task
@@ -593,10 +661,8 @@ class _Trainer:
         world = acc.num_processes
         bar = tqdm(total=o.max_steps, initial=st["step"], disable=not (self.main and o.progress),
                    desc=Path(o.output).name, dynamic_ncols=True, unit="step")
-        recent: deque[float] = deque(maxlen=10)
         t0, tokens0 = time.perf_counter(), st["tokens"]
         elapsed0 = st["elapsed_s"]
-        val = None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         with _SignalFlag() as flag:
             while st["step"] < o.max_steps:
@@ -615,6 +681,7 @@ class _Trainer:
                     for k, v in metrics.items():
                         extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=acc.device).detach()
                 grad_norm = acc.clip_grad_norm_(trainable, o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
+                self._check_finite(loss_sum, grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -630,17 +697,13 @@ class _Trainer:
                         stats = acc.reduce(stats, reduction="mean")
                     values = stats.tolist()
                     loss_value = values[0]
-                    if st["loss_first"] is None:
-                        st["loss_first"] = loss_value
-                    recent.append(loss_value)
+                    self._record_loss(loss_value)
                     seg = time.perf_counter() - t0
                     tps = (st["tokens"] - tokens0) / seg if seg > 0 else 0.0
                     lr = self.scheduler.get_last_lr()[0]
                     row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                            "tokens": st["tokens"], "tokens_per_s": tps, "elapsed_s": st["elapsed_s"]}
                     row.update(dict(zip(extra, values[1:])))
-                    st["loss_last"] = loss_value
-                    st["loss_recent"] = sum(recent) / len(recent)
                     logger.log_step(row)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
                 bar.update(1)
@@ -648,20 +711,23 @@ class _Trainer:
                 stop = flag.signum
                 if world > 1:  # every process must agree to stop at the same step
                     stop = int(acc.reduce(torch.tensor(float(stop), device=acc.device), reduction="max"))
-                if stop:
+                if stop:  # checkpoint first (a prompt stop); its validation runs on resume
                     bar.close()
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(stop, path, step)
+                # Validation before the checkpoint of the same step: a checkpoint then always
+                # records whether its step's validation row was written.
+                if self._is_validation_step(step):
+                    self._validate(logger)
                 if o.save_every and (step % o.save_every == 0 or step == o.max_steps):
                     self.save_checkpoint()
-                if o.eval_every and step % o.eval_every == 0 and step < o.max_steps:
-                    val = self._validate(logger)
         bar.close()
-        return val
 
-    def _finish(self, logger: MetricsLogger, val: dict[str, float] | None) -> dict[str, Any]:
+    def _finish(self, logger: MetricsLogger) -> dict[str, Any]:
         o, st, acc = self.options, self.state, self.acc
-        val = self._validate(logger) or {}
+        if st["last_val_step"] != st["step"]:
+            self._validate(logger)
+        val = st["val"] or {}
         from accelerate.utils import DistributedType
 
         state_dict = acc.get_state_dict(self.model) if acc.distributed_type == DistributedType.FSDP else None
@@ -675,8 +741,9 @@ class _Trainer:
         peak, peak_kind = _peak_memory_gb()
         if acc.num_processes > 1:
             peak = float(acc.reduce(torch.tensor(peak, device=acc.device), reduction="max"))
+        window = st["loss_window"]
         metrics = {
-            "loss": st.get("loss_recent"),
+            "loss": sum(window) / len(window) if window else None,
             "loss_first": st.get("loss_first"),
             "loss_last": st.get("loss_last"),
             "val_loss": val.get("val_loss"),
@@ -712,7 +779,10 @@ def process_state() -> Any:
 
 
 def save_config(config: Any) -> None:
-    """Write the resolved stage config to `<output>/config.yaml` (main process only)."""
+    """Write the resolved stage config to `<output>/config.yaml` now (main process only).
+
+    The loop writes config.yaml itself once a run has really started; this is for callers that
+    want it written before (a worker script that also needs the process state made first)."""
     from pipeline.config import save_resolved
 
     if process_state().is_main_process:
@@ -725,6 +795,16 @@ def run_training(task: TrainTask, options: LoopOptions, resume: str | None = Non
 
     Raises:
         TrainingInterrupted: after SIGTERM/SIGINT, once a checkpoint is written.
-        CepeError: a bad resume path or a checkpoint that does not fit the model.
+        TrainingDiverged: a step's loss or gradient norm was not finite (not applied).
+        CepeError: a bad resume path, a checkpoint that does not fit the model or is corrupt,
+            a full disk (naming the file).
     """
-    return _Trainer(task, options, resume).run()
+    try:
+        return _Trainer(task, options, resume).run()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = list_checkpoints(Path(options.output) / "checkpoints")
+        where = f"the last complete checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was complete"
+        raise CepeError(f"{exc.filename or options.output}: no space left on device ({os.strerror(exc.errno)}); "
+                        f"{where}; free space and continue with --resume auto") from None
