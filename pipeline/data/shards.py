@@ -168,6 +168,86 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def shard_path(root: Path, entry: dict[str, Any], manifest: Path) -> Path:
+    """`root / entry["path"]`, refused unless it names a file inside the shard directory.
+
+    The check is on the path as written (relative, no `..`), not on where symlinks lead: a DVC
+    cache may link shard files from elsewhere, which is the user's doing, while a manifest entry
+    `../../x` or `/etc/x` would read a file the directory does not hold.
+    """
+    text = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(text, str) or not text:
+        raise CepeError(f"{manifest}: a shard entry has no path ({entry!r})")
+    rel = Path(text)
+    if rel.is_absolute() or ".." in rel.parts or text.startswith("~") or "\\" in text:
+        raise CepeError(f"{manifest}: shard path {text!r} leaves the shard directory "
+                        f"(expected a relative path such as 'train/shard-00000.arrow')")
+    return root / rel
+
+
+# (path, size, mtime_ns, inode) of shard files whose sha256 this process has checked
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def check_shard_digest(path: Path, entry: dict[str, Any], manifest: Path) -> None:
+    """The shard's sha256 must be the manifest's; checked once per file per process.
+
+    Why a checksum and not a per-batch check of token ids against the vocabulary: zeroed
+    bytes are valid ids (0 is a real token), so only the checksum catches a zeroed shard, or
+    any plausible-looking damage; it reads each shard once, the bytes training reads anyway,
+    at about 1 GB/s (a one-off few seconds per 10 GB at open, per process). A file already
+    checked (same path, size, mtime and inode) is not hashed again, in this process or in
+    DataLoader workers that receive the dataset by pickling.
+    """
+    stamp = _stamp(path)
+    if stamp in _VERIFIED:
+        return
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise CepeError(f"{path}: sha256 {digest[:12]} does not match the manifest's {str(entry.get('sha256'))[:12]} "
+                        f"(corrupt or overwritten); rebuild with `cepe prepare-data` (listed in {manifest})")
+    _VERIFIED.add(stamp)
+
+
+def check_tokenizer(record: dict[str, Any] | None, *, key: str, tokenizer_dirs: list[str | os.PathLike[str]],
+                    vocab_size: int | None, model: str) -> None:
+    """Shards' token ids must be those of the model that reads them.
+
+    `record` is the manifest's `tokenizer` entry. The first of `tokenizer_dirs` that holds a
+    tokenizer (`tokenizer.json` / `tokenizer.model`) is hashed as `prepare-data` hashes its
+    tokenizer (`pipeline.data.tokenize.tokenizer_hash`) and must equal the recorded sha256.
+    Where no directory holds one (a bare weights folder, a hub id) or the shards record no
+    hash, only what is left can be checked: the recorded vocabulary must fit the model's
+    `vocab_size` (embedding rows).
+
+    Raises:
+        CepeError: naming the model, the shards and both tokenizers.
+    """
+    record = record or {}
+    for folder in tokenizer_dirs:
+        folder = Path(folder)
+        if record.get("sha256") and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            from pipeline.data.tokenize import load_tokenizer, tokenizer_hash
+
+            theirs = tokenizer_hash(load_tokenizer(str(folder)))
+            if theirs != record["sha256"]:
+                raise CepeError(
+                    f"{model}: {folder} has another tokenizer (sha256 {theirs[:12]}) than the windows in {key} "
+                    f"({record.get('name', '?')}, sha256 {str(record['sha256'])[:12]}); the model must read the "
+                    f"data's token ids: rebuild the shards with its tokenizer (cepe prepare-data --tokenizer {folder})")
+            return
+    vocab = record.get("vocab_size")
+    if vocab is not None and vocab_size is not None and int(vocab) > int(vocab_size):
+        raise CepeError(f"{model}: a {vocab_size}-token vocabulary, but the windows in {key} were tokenized with a "
+                        f"{vocab}-token tokenizer ({record.get('name', '?')}); the model must read the data's token "
+                        f"ids: rebuild the shards with the model's tokenizer")
+
+
 def _open_table(path: Path):
     """Memory-map one shard: IPC file format, or stream format as a fallback."""
     import pyarrow as pa
@@ -207,7 +287,7 @@ def verify_shards(root: str | os.PathLike[str]) -> dict[str, Any]:
         listed[split] = entries
         total = 0
         for entry in entries:
-            path = root / entry["path"]
+            path = shard_path(root, entry, root / MANIFEST)
             if not path.is_file():
                 raise CepeError(f"{path}: shard missing (listed in {root / MANIFEST})")
             size = path.stat().st_size
@@ -245,10 +325,11 @@ class ShardDataset:
 
     `ds[i]` -> `{"input_ids": (D,) int32, "encoder_input_ids": (n_chunks, chunk_len) int32
     (not for mlm), "domain", "layout", "doc_id": str}`; arrays are fresh copies (writable, safe
-    to hand to torch). Shards are opened lazily by memory map, so opening a large directory
-    costs nothing and DataLoader workers share the page cache. Only cheap checks happen here
-    (manifest present, split known, shard files present with the recorded size);
-    `verify_shards` does the full checksum pass.
+    to hand to torch). Shards are memory-mapped on first use, so DataLoader workers share the
+    page cache. Opening checks the manifest, the split, every shard's path (inside the
+    directory), size and sha256 (`check_shard_digest`: once per file per process), so damaged
+    data stops the stage before it trains, naming the shard; `verify_shards` checks the rest
+    (schema, rows, fingerprint).
     """
 
     def __init__(self, root: str | os.PathLike[str], split: str) -> None:
@@ -259,12 +340,16 @@ class ShardDataset:
         if split not in splits:
             raise CepeError(f"{self.root / MANIFEST}: no split {split!r} (splits: {', '.join(splits) or 'none'})")
         self.entries = splits[split].get("shards", [])
+        self.paths = []
         for entry in self.entries:
-            path = self.root / entry["path"]
+            path = shard_path(self.root, entry, self.root / MANIFEST)
             if not path.is_file():
                 raise CepeError(f"{path}: shard missing (listed in {self.root / MANIFEST})")
             if path.stat().st_size != entry["bytes"]:
                 raise CepeError(f"{path}: {path.stat().st_size} bytes but the manifest says {entry['bytes']} (truncated?); run `cepe prepare-data --verify {self.root}`")
+            self.paths.append(path)
+        for entry, path in zip(self.entries, self.paths):
+            check_shard_digest(path, entry, self.root / MANIFEST)
         self.offsets = np.cumsum([0] + [int(e["rows"]) for e in self.entries])
         self.input_width = int(self.manifest["input_width"])
         self.encoder_shape = (
@@ -273,11 +358,13 @@ class ShardDataset:
         self._blocks: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         self._starts: dict[int, list[int]] = {}
 
-    # pickling: reopen the memory maps in the receiving process
+    # pickling: reopen the memory maps in the receiving process (the files checked here are
+    # not hashed again there unless they changed)
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": str(self.root), "split": self.split}
+        return {"root": str(self.root), "split": self.split, "verified": [_stamp(p) for p in self.paths]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        _VERIFIED.update(tuple(s) for s in state.get("verified", []))
         self.__init__(state["root"], state["split"])
 
     def __len__(self) -> int:
@@ -287,7 +374,7 @@ class ShardDataset:
         """Record batches of shard k as (first row, column views), opened on first use."""
         blocks = self._blocks.get(k)
         if blocks is None:
-            table = _open_table(self.root / self.entries[k]["path"])
+            table = _open_table(self.paths[k])
             blocks, start = [], 0
             for batch in table.to_batches():
                 cols: dict[str, Any] = {"input_ids": _fixed_view(batch.column("input_ids"), self.input_width)}

@@ -107,11 +107,22 @@ def _kl_trace(output: Path) -> tuple[float | None, float | None]:
     return float(rows[0]["kl"]), float(rows[-1]["kl"])
 
 
+def _parts(dataset: Any) -> list[Any]:
+    """The `CepedExamples` of one data directory each (a `ConcatExamples` holds several)."""
+    return list(dataset.datasets) if hasattr(dataset, "datasets") else [dataset]
+
+
+def _shards_of(examples: Any) -> Any:
+    """The shard reader under a `CepedExamples` (its manifest records the tokenizer)."""
+    return examples.data
+
+
 def _student_tokens(batch: dict[str, Any]) -> int:
     return sum(batch[k].numel() for k in ("input_ids", "encoder_input_ids") if k in batch)
 
 
-def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print) -> tuple[Any, Any, list[Any]]:
+def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print,
+              student_source: str | None = None) -> tuple[Any, Any, list[Any]]:
     """(train dataset, validation dataset, logits manifests) for the run, alignment checked.
 
     In precomputed mode each data directory is joined with its logits directory, after
@@ -120,7 +131,7 @@ def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print)
     from pipeline.stages.teacher_logits import check_geometry, data_identity
     from pipeline.train.ceped_data import CepedExamples, check_alignment, spot_check
     from pipeline.train.collate import ConcatExamples, open_shards
-    from pipeline.train.teacher import resolve_teacher
+    from pipeline.train.teacher import resolve_teacher, same_teacher
     from pipeline.train.teacher_shards import TeacherLogits
 
     online = config.teacher_mode == "online"
@@ -144,10 +155,13 @@ def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print)
                 raise CepeError(f"{config.logits[i]}/manifest.json: holds the teacher's top-{lm['k']} but this run "
                                 f"sets k={config.k}; set k: {lm['k']} or recompute the logits")
             recorded = lm.get("teacher", {})
-            wanted = resolve_teacher(config.teacher).resolved
-            if recorded.get("resolved") != wanted and recorded.get("fingerprint") != student_fingerprint:
-                raise CepeError(f"{config.logits[i]}/manifest.json: computed by teacher {recorded.get('resolved')} "
-                                f"but this run's teacher is {wanted}; recompute the logits or set teacher")
+            ref = resolve_teacher(config.teacher)
+            if not same_teacher(ref, recorded, student_source=student_source, student_fingerprint=student_fingerprint):
+                raise CepeError(
+                    f"{config.logits[i]}/manifest.json: computed by teacher {recorded.get('name')!r} "
+                    f"({recorded.get('resolved')}) but this run's teacher is {config.teacher!r} ({ref.resolved}); "
+                    f"set teacher to the one that computed the logits, or recompute them "
+                    f"(cepe teacher-logits --teacher {config.teacher})")
             if recorded.get("fingerprint") != student_fingerprint:
                 log(f"warning: the student's frozen decoder is not the teacher that computed {config.logits[i]} "
                     f"(weights fingerprint {student_fingerprint} vs {recorded.get('fingerprint')})")
@@ -201,16 +215,22 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     from pipeline.stages.warmup import lm_task, resolve_model_dir
     from pipeline.train.ceped_eval import compare_with_teacher
     from pipeline.train.distill import DistillLoss
-    from pipeline.train.loop import run_training, save_config
+    from pipeline.train.loop import process_state, run_training
     from pipeline.train.teacher import check_window, max_window, weights_fingerprint
 
-    resolve_model_dir(config.model, "model")
-    save_config(config)
+    from pipeline.stages.warmup import check_data_tokenizer, require_model_type
+
+    model_dir = resolve_model_dir(config.model, "model")
+    require_model_type(model_dir, "model", "cepe")
+    process_state()  # before any model loads: launched CPU processes must join one gloo group
     student = load_model(config)
     check_window(config.teacher_context_len, config.decoder_len, max_window(student.decoder.config),
                  where="student decoder")
     fingerprint = weights_fingerprint(student.decoder)
-    train, val, manifests = open_data(config, fingerprint)
+    train, val, manifests = open_data(config, fingerprint,
+                                      student_source=getattr(student.config, "decoder_name_or_path", None))
+    check_data_tokenizer([_shards_of(d) for d in _parts(train) + _parts(val)], student, model_dir, "model",
+                         student.decoder.config.vocab_size)
 
     teacher_fn, teacher_model = (None, None)
     if config.teacher_mode == "online":

@@ -68,7 +68,11 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
     if config.init == "decoder-layers":
         from transformers import AutoModelForCausalLM
 
-        decoder = AutoModelForCausalLM.from_pretrained(config.decoder, dtype=torch.float32)
+        from pipeline.stages.warmup import load_checked, resolve_model_dir
+
+        decoder_dir = resolve_model_dir(config.decoder, "decoder")
+        decoder = load_checked(lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=torch.float32),
+                               decoder_dir, "decoder")
         if decoder.config.vocab_size != vocab_size:
             raise CepeError(f"decoder: {config.decoder} has vocabulary {decoder.config.vocab_size}, "
                             f"the shards {vocab_size}")
@@ -90,7 +94,7 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
 def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, Any]:
     """Pretrain the encoder; writes `<output>/model`, metrics.json, steps.tsv, checkpoints/."""
     from pipeline.train.collate import MlmCollator, manifest_value, open_shards
-    from pipeline.train.loop import TrainTask, run_training, save_config
+    from pipeline.train.loop import TrainTask, process_state, run_training
     from pipeline.train.losses import eval_mlm_nll, mlm_loss
 
     train = open_shards(config.data, "train", layouts=("mlm",))
@@ -102,8 +106,17 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     if config.init == "random" and window > config.max_position_embeddings:
         raise ConfigError(f"max_position_embeddings: {config.max_position_embeddings} is shorter than the "
                           f"{window}-token mlm windows of {config.data}")
-    save_config(config)
+    process_state()  # before any model loads: launched CPU processes must join one gloo group
     vocab = int(info["vocab_size"])
+    if config.init == "decoder-layers":  # a random encoder is built from the shards' vocabulary itself
+        from pipeline.data.shards import check_tokenizer
+        from pipeline.stages.warmup import require_model_type, resolve_model_dir
+
+        decoder_dir = resolve_model_dir(config.decoder, "decoder")
+        require_model_type(decoder_dir, "decoder", None)
+        for data in (train, val):
+            check_tokenizer(manifest_value(data, "tokenizer"), key=str(data.root), tokenizer_dirs=[decoder_dir],
+                            vocab_size=None, model="decoder")
     model = build_mlm_model(config, vocab)
     mask_id = int(model.config.mask_token_id)
     collate = MlmCollator(mask_token_id=mask_id, special_ids=special_token_ids(info),

@@ -157,31 +157,19 @@ def check_geometry(manifest: dict[str, Any], context_len: int, decoder_len: int,
 
 
 def check_tokenizer(model: Any, manifest: dict[str, Any], ref: Any, key: str = "data") -> None:
-    """The teacher must read the data's token ids.
-
-    When the teacher's directory holds a tokenizer, its hash (`pipeline.data.tokenize`) must be the
-    one the data manifest records; otherwise (a hub id, a bare weights folder) the teacher's
-    vocabulary must at least cover the data tokenizer's.
+    """The teacher must read the data's token ids (`pipeline.data.shards.check_tokenizer`, the
+    check every stage that reads shards makes): its directory's tokenizer, when it has one,
+    hashes as the data manifest records; otherwise its vocabulary covers the data's.
 
     Raises:
         CepeError: naming both tokenizers.
     """
-    tok = manifest.get("tokenizer") or {}
-    if ref.is_local and any((Path(ref.resolved) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        from pipeline.data.tokenize import load_tokenizer, tokenizer_hash
+    from pipeline.data.shards import check_tokenizer as check_shards
 
-        theirs = tokenizer_hash(load_tokenizer(ref.resolved))
-        if tok.get("sha256") and theirs != tok["sha256"]:
-            raise CepeError(
-                f"teacher: {ref.resolved} has another tokenizer (sha256 {theirs[:12]}) than the windows in {key} "
-                f"({tok.get('name', '?')}, sha256 {str(tok['sha256'])[:12]}); the teacher must read the data's token ids")
-        return
-    vocab = tok.get("vocab_size")
-    teacher_vocab = int(model.config.vocab_size)
-    if vocab is not None and int(vocab) > teacher_vocab:
-        raise CepeError(f"teacher: {ref.name} has a {teacher_vocab}-token vocabulary but the windows in {key} "
-                        f"were tokenized with a {vocab}-token tokenizer ({tok.get('name', '?')}); "
-                        f"the teacher must share the data's tokenizer")
+    dirs = [ref.resolved] if ref.is_local else []
+    vocab = int(model.config.vocab_size) if model is not None else None
+    check_shards(manifest.get("tokenizer"), key=key, tokenizer_dirs=dirs, vocab_size=vocab,
+                 model=f"teacher {ref.name}" if not ref.is_local else "teacher")
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, field
-from pipeline.stages.warmup import LmStageOptions, lm_task, resolve_model_dir
+from pipeline.stages.warmup import (LmStageOptions, check_data_tokenizer, lm_task, load_checked,
+                                    require_model_type, resolve_model_dir)
 
 LAYOUTS = ("prevdoc", "concat")  # a `mix` directory of them is read as it is
 
@@ -56,7 +57,9 @@ def load_model(config: TrainConfig):
     from pipeline.model import CepeForCausalLM
 
     path = resolve_model_dir(config.model, "model")
-    model = CepeForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=config.attn_implementation)
+    require_model_type(path, "model", "cepe")
+    model = load_checked(lambda: CepeForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=config.attn_implementation), path, "model")
     model.set_encoder_trainable(config.train_encoder)
     return model
 
@@ -64,16 +67,18 @@ def load_model(config: TrainConfig):
 def run(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train; writes `<output>/model`, metrics.json, steps.tsv, validation.tsv, checkpoints/."""
     from pipeline.train.collate import ConcatExamples, ContextMasking, open_shards
-    from pipeline.train.loop import run_training, save_config
+    from pipeline.train.loop import process_state, run_training
 
     trains = [open_shards(d, "train", layouts=LAYOUTS) for d in config.data]
     vals = [open_shards(d, "validation", layouts=LAYOUTS) for d in config.data]
     shapes = {tuple(len(x) for x in (t[0]["input_ids"], t[0]["encoder_input_ids"])) for t in trains}
     if len(shapes) > 1:
         raise ConfigError(f"data: the shard directories have different window shapes {sorted(shapes)}")
-    resolve_model_dir(config.model, "model")
-    save_config(config)
+    model_dir = resolve_model_dir(config.model, "model")
+    require_model_type(model_dir, "model", "cepe")
+    process_state()  # before any model loads: launched CPU processes must join one gloo group
     model = load_model(config)
+    check_data_tokenizer(trains + vals, model, model_dir, "model", model.decoder.config.vocab_size)
     masking = (ContextMasking(config.context_mask_prob, config.context_mask_full_prob, config.seed)
                if config.context_masking else None)
     train = trains[0] if len(trains) == 1 else ConcatExamples(trains)

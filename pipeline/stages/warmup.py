@@ -11,6 +11,7 @@ starts from.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,6 +81,85 @@ def resolve_model_dir(path: str, key: str) -> Path:
     raise CepeError(f"{key}: {path} holds no saved model (no config.json there or in model/)")
 
 
+# What each kind of saved model directory is, by its config.json `model_type`, and which stage
+# takes it: for the one-line error when a directory is given where another kind belongs.
+_MODEL_KINDS = {"cepe": ("a CEPE model", "train / distill --model"),
+                "cepe_encoder": ("a CEPE encoder (pretrain-encoder output)", "warmup --encoder")}
+
+
+def model_type_of(directory: Path, key: str) -> str:
+    """The `model_type` of a saved model directory's config.json (one line if unreadable)."""
+    path = directory / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CepeError(f"{key}: {path} is not a readable model config ({exc})") from None
+    return str(value or "?")
+
+
+def require_model_type(directory: Path, key: str, wanted: str | None) -> None:
+    """`directory` must hold the kind of model `key` takes: `wanted` is a model_type, or None
+    for a plain decoder (anything but a CEPE model or encoder).
+
+    Raises:
+        CepeError: naming what the directory holds and where that kind of model belongs.
+    """
+    found = model_type_of(directory, key)
+    ok = found == wanted if wanted else found not in _MODEL_KINDS
+    if ok:
+        return
+    what, where = _MODEL_KINDS.get(found, (f"a plain {found} decoder", "warmup --decoder"))
+    expected = _MODEL_KINDS[wanted][0] if wanted else "a plain decoder (cepe convert-decoder)"
+    raise CepeError(f"{key}: {directory} holds {what}, expected {expected}; that kind of model goes to {where}")
+
+
+def check_weight_files(directory: Path, key: str) -> None:
+    """Every safetensors file of a model directory must be whole (header and data present).
+
+    A truncated `model.safetensors` otherwise fails deep inside `from_pretrained`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CepeError(f"{key}: {path} is unreadable ({str(exc).splitlines()[0]}); truncated or corrupt: "
+                            f"write it again (the stage that made it, or cepe convert-decoder)") from None
+
+
+def load_checked(load: Any, directory: Path, key: str) -> Any:
+    """`load()` with a model directory's loading errors as one line naming the directory."""
+    from safetensors import SafetensorError
+
+    check_weight_files(directory, key)
+    try:
+        return load()
+    except (OSError, SafetensorError, EnvironmentError) as exc:
+        raise CepeError(f"{key}: cannot load {directory}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def tokenizer_dirs(model: Any, directory: Path) -> list[Path]:
+    """Where a model's tokenizer may be: its own directory, then its decoder's source."""
+    dirs = [directory]
+    source = getattr(getattr(model, "config", None), "decoder_name_or_path", None)
+    if source and Path(source).is_dir():
+        dirs.append(Path(source))
+    return dirs
+
+
+def check_data_tokenizer(datasets: list[Any], model: Any, directory: Path, key: str, vocab_size: int) -> None:
+    """Every shard dataset a stage reads must be tokenized as `model` reads (one shared check,
+    `pipeline.data.shards.check_tokenizer`)."""
+    from pipeline.data.shards import check_tokenizer
+    from pipeline.train.collate import manifest_value
+
+    for data in datasets:
+        check_tokenizer(manifest_value(data, "tokenizer"), key=str(getattr(data, "root", "data")),
+                        tokenizer_dirs=tokenizer_dirs(model, directory), vocab_size=vocab_size, model=key)
+
+
 def eval_window(requested: int, window: int) -> int:
     """The validation window: the last `requested` tokens, at most window - 1 (the first token of a
     window has no prediction)."""
@@ -94,9 +174,10 @@ def build_model(config: WarmupConfig):
     from pipeline.model import CepeForCausalLM, encoder_from_decoder_layers, load_encoder
 
     decoder_dir = resolve_model_dir(config.decoder, "decoder")
+    require_model_type(decoder_dir, "decoder", None)
     torch.manual_seed(config.seed)
-    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=torch.float32,
-                                                   attn_implementation=config.attn_implementation)
+    decoder = load_checked(lambda: AutoModelForCausalLM.from_pretrained(
+        decoder_dir, dtype=torch.float32, attn_implementation=config.attn_implementation), decoder_dir, "decoder")
     encoder: Any = None
     encoder_config = None
     if config.encoder == "decoder-layers":
@@ -109,7 +190,10 @@ def build_model(config: WarmupConfig):
                               num_hidden_layers=config.encoder_layers, num_attention_heads=config.encoder_heads,
                               num_key_value_heads=config.encoder_heads)
     else:
-        encoder = load_encoder(resolve_model_dir(config.encoder, "encoder"), attn_implementation=config.attn_implementation)
+        encoder_dir = resolve_model_dir(config.encoder, "encoder")
+        require_model_type(encoder_dir, "encoder", "cepe_encoder")
+        encoder = load_checked(lambda: load_encoder(encoder_dir, attn_implementation=config.attn_implementation),
+                               encoder_dir, "encoder")
         if encoder.config.vocab_size <= decoder.config.vocab_size:
             raise CepeError(f"encoder: {config.encoder} has vocabulary {encoder.config.vocab_size}; a CEPE encoder "
                             f"shares the decoder's {decoder.config.vocab_size} ids plus [MASK]")
@@ -143,13 +227,15 @@ def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context
 def run(config: WarmupConfig, resume: str | None = None) -> dict[str, Any]:
     """Warm up cross-attention and encoder on duplicate windows; writes `<output>/model` etc."""
     from pipeline.train.collate import open_shards
-    from pipeline.train.loop import run_training, save_config
+    from pipeline.train.loop import process_state, run_training
 
     train = open_shards(config.data, "train", layouts=("duplicate",))
     val = open_shards(config.data, "validation", layouts=("duplicate",))
-    resolve_model_dir(config.decoder, "decoder")
+    decoder_dir = resolve_model_dir(config.decoder, "decoder")
+    require_model_type(decoder_dir, "decoder", None)
     if config.encoder not in SPECIAL_ENCODERS:
-        resolve_model_dir(config.encoder, "encoder")
-    save_config(config)
+        require_model_type(resolve_model_dir(config.encoder, "encoder"), "encoder", "cepe_encoder")
+    process_state()  # before any model loads: launched CPU processes must join one gloo group
     model = build_model(config)
+    check_data_tokenizer([train, val], model, decoder_dir, "decoder", model.decoder.config.vocab_size)
     return run_training(lm_task(model, train, val, config, stage="warmup"), config, resume=resume)

@@ -96,6 +96,27 @@ def resolve_teacher(name: str) -> TeacherRef:
     )
 
 
+def same_teacher(ref: TeacherRef, recorded: dict[str, Any], *, student_source: str | None = None,
+                 student_fingerprint: str | None = None) -> bool:
+    """Whether a logits manifest's `teacher` record is the teacher `ref` names.
+
+    Identity is what the registry resolves to, not the string typed: a hub id equals a hub id,
+    a directory equals the same directory (both resolved). One more case is the same teacher:
+    `ref` is the student's own decoder directory and the recorded weights fingerprint is that
+    decoder's (the default CEPED set-up, wherever the directory is now).
+    """
+    theirs = str(recorded.get("resolved") or "")
+    if ref.is_local:
+        mine = Path(ref.resolved).resolve()
+        if theirs and Path(theirs).expanduser().is_absolute() and Path(theirs).expanduser().resolve() == mine:
+            return True
+        if student_source and Path(student_source).expanduser().exists() \
+                and Path(student_source).expanduser().resolve() == mine:
+            return bool(student_fingerprint) and recorded.get("fingerprint") == student_fingerprint
+        return False
+    return theirs == ref.resolved
+
+
 def max_window(config: Any) -> int:
     """The teacher's maximum number of positions (`max_position_embeddings`)."""
     value = getattr(config, "max_position_embeddings", None)

@@ -153,6 +153,10 @@ class TeacherLogits:
         self.split = split
         self.n, self.k = int(self.manifest["decoder_len"]), int(self.manifest["k"])
         self.files = [s["file"] for s in splits[split]["shards"]]
+        for name in self.files:  # a file name inside <split>/, never a path that leaves it
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise CepeError(f"{self.root / MANIFEST}: shard file {name!r} is not a file name inside "
+                                f"{self.root / split} (expected e.g. 'shard-00000.arrow')")
         self.rows = [int(s["rows"]) for s in splits[split]["shards"]]
         self.offsets = np.cumsum([0] + self.rows)
         self._open: dict[int, _Shard] = {}
