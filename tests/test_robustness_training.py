@@ -155,7 +155,7 @@ def test_kill_and_resume_gives_the_uninterrupted_tables(kill, reference, tmp_pat
 
 
 def test_lr_inf_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="lr: expected a finite positive number, got inf"):
+    with pytest.raises(ConfigError, match="lr: expected a finite number, got inf"):
         LoopOptions(lr=float("inf"))
     from click.testing import CliRunner
 

@@ -25,7 +25,9 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["samples_seen"] == 4 * 2
-    assert sorted(p.name for p in (two / "checkpoints" / "step-4").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    # every process's RNG state, as safetensors + JSON (pipeline.train.state_files: no pickle)
+    assert sorted(p.name for p in (two / "checkpoints" / "step-4").glob("rng-*")) == \
+        ["rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"]
 
     from _train_ddp_worker import main
 

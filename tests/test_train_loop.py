@@ -171,7 +171,9 @@ def test_resume_auto_ignores_checkpoints_of_other_settings(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-3" / "state.json").read_text()) \
         if list_checkpoints(tmp_path / "run" / "checkpoints") else None
     assert metrics["steps"] == 3 and metrics["samples_seen"] == 12  # trained from step 0
-    assert state is None  # the stale checkpoint was removed (save_every=0 writes none)
+    assert state is None  # the stale checkpoint left checkpoints/ (save_every=0 writes none) ...
+    aside = list((tmp_path / "run").glob("checkpoints.superseded-*/step-3/state.json"))
+    assert len(aside) == 1  # ... moved aside, not deleted
 
 
 def test_sampler_slices_one_global_order_across_processes():

@@ -129,9 +129,9 @@ class LoopOptions:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {getattr(self, key)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: expected a finite positive number, got {self.lr}")
-        for key in ("weight_decay", "adam_eps", "warmup_ratio", "min_lr_ratio"):
+        if not self.lr > 0:
+            raise ConfigError(f"lr: expected a positive number, got {self.lr}")
+        for key in ("lr", "weight_decay", "adam_eps", "warmup_ratio", "min_lr_ratio"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"{key}: expected a finite number, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
