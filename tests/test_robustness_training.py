@@ -510,3 +510,18 @@ def test_distill_refuses_logits_of_another_teacher(world, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(world["decoder"], copy)
     assert not same_teacher(resolve_teacher(str(copy)), recorded)  # another directory is another teacher
+
+
+def test_evaluate_refuses_shards_of_another_tokenizer(world, tmp_path):
+    from click.testing import CliRunner
+
+    from cepe_cli.main import cli
+    from eval_helpers import save_tiny_cepe
+
+    model_dir = save_tiny_cepe(tmp_path / "m", max_positions=1024)
+    data = _copy_data(world, tmp_path, lambda m: m["tokenizer"].update(name="other", sha256="e" * 64))
+    res = CliRunner().invoke(cli, ["evaluate", "--task", "ppl", "--model", str(model_dir), "--data", str(data),
+                                   "--shard-split", "validation", "--output", str(tmp_path / "out"),
+                                   "--progress", "false"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().count("\n") == 0 and "is not the one of the windows in" in res.output

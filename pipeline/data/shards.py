@@ -215,11 +215,11 @@ def check_shard_digest(path: Path, entry: dict[str, Any], manifest: Path) -> Non
 
 
 def check_tokenizer(record: dict[str, Any] | None, *, key: str, tokenizer_dirs: list[str | os.PathLike[str]],
-                    vocab_size: int | None, model: str) -> None:
+                    vocab_size: int | None, model: str, tokenizer: Any = None) -> None:
     """Shards' token ids must be those of the model that reads them.
 
-    `record` is the manifest's `tokenizer` entry. The first of `tokenizer_dirs` that holds a
-    tokenizer (`tokenizer.json` / `tokenizer.model`) is hashed as `prepare-data` hashes its
+    `record` is the manifest's `tokenizer` entry. A `tokenizer` the stage already holds (a fast
+    one) is hashed directly; else the first of `tokenizer_dirs` that holds a tokenizer (`tokenizer.json` / `tokenizer.model`) is hashed as `prepare-data` hashes its
     tokenizer (`pipeline.data.tokenize.tokenizer_hash`) and must equal the recorded sha256.
     Where no directory holds one (a bare weights folder, a hub id) or the shards record no
     hash, only what is left can be checked: the recorded vocabulary must fit the model's
@@ -229,6 +229,16 @@ def check_tokenizer(record: dict[str, Any] | None, *, key: str, tokenizer_dirs: 
         CepeError: naming the model, the shards and both tokenizers.
     """
     record = record or {}
+    if record.get("sha256") and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        from pipeline.data.tokenize import tokenizer_hash
+
+        theirs = tokenizer_hash(tokenizer)
+        if theirs != record["sha256"]:
+            raise CepeError(
+                f"{model}: its tokenizer (sha256 {theirs[:12]}) is not the one of the windows in {key} "
+                f"({record.get('name', '?')}, sha256 {str(record['sha256'])[:12]}); the model must read the "
+                f"data's token ids: rebuild the shards with its tokenizer")
+        return
     for folder in tokenizer_dirs:
         folder = Path(folder)
         if record.get("sha256") and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):

@@ -94,6 +94,11 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
         docs, specs, digest, chunk_len = ppl.shard_windows(config.data, config.shard_split, cap, config.seed)
         record.add_data("shards", digest, path=config.data, split=config.shard_split, n_windows=len(docs))
     model, tokenizer = setup_model(config, record)
+    if shard_windows:  # the windows' ids must be the evaluated model's (the check every stage makes)
+        from pipeline.data.shards import check_tokenizer, read_manifest
+
+        check_tokenizer(read_manifest(config.data).get("tokenizer"), key=str(config.data), tokenizer_dirs=[],
+                        vocab_size=getattr(model.config, "vocab_size", None), model="model", tokenizer=tokenizer)
     cepe = models.is_cepe(model)
     variants = ppl.variants_for(cepe, config.baselines)
     positions = models.max_positions(model)
