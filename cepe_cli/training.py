@@ -3,8 +3,10 @@
 Each command resolves its stage config (params.yaml section, `-S key=value`, `--field` options)
 and calls the stage's `run`. Two options are not config keys because they say how to run, not
 what to compute:
-- `--resume auto|PATH`: continue from the newest matching checkpoint under
-  `<output>/checkpoints` (auto) or from the given one;
+- `--resume auto|PATH`: continue from the newest checkpoint under `<output>/checkpoints`
+  (auto) or from the given one, after the same settings check (`pipeline.train.checkpoints`:
+  max_steps and the logging/checkpoint/validation keys may change; otherwise auto starts afresh,
+  moving earlier checkpoints aside, and PATH stops naming the keys);
 - `--num-processes N`: re-launch this same command through `accelerate launch` with N
   processes (one per GPU; gloo CPU processes on a machine without CUDA). Already inside
   `accelerate launch`/`torchrun`, it is ignored.
@@ -102,7 +104,8 @@ def _run_stage(run: Callable[..., dict[str, Any]], config: Any, resume: str | No
 
 def _runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--resume", default=None, metavar="auto|PATH",
-                      help="Resume from the newest matching checkpoint (auto) or from PATH.")(fn)
+                      help="Resume from the newest checkpoint (auto) or from PATH; both check the settings "
+                           "(max_steps may change).")(fn)
     fn = click.option("--num-processes", "num_processes", type=int, default=None,
                       help="Re-launch through `accelerate launch` with N processes (DDP).")(fn)
     return fn
