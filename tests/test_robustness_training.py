@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import io
 import json
 import os
 import pickle

@@ -95,11 +95,6 @@ def options_record(options: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(options), default=str))
 
 
-def math_config(options: Any) -> dict[str, Any]:
-    """The options that define the computation (all but the free ones)."""
-    return {k: v for k, v in options_record(options).items() if k not in FREE_KEYS}
-
-
 def settings_changes(recorded: dict[str, Any], options: Any) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """(changes that forbid resuming, changes allowed on resume), each {key: (recorded, now)}."""
     now = options_record(options)

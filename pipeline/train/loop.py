@@ -81,7 +81,7 @@ from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
 from pipeline.io import atomic_write_json, remove_stale_temps
 from pipeline.train import checkpoints as ckpt
-from pipeline.train.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, math_config  # noqa: F401 (API)
+from pipeline.train.checkpoints import CHECKPOINT_PREFIX, list_checkpoints
 from pipeline.train.logging import MetricsLogger, require_tensorboard
 from pipeline.train.state_files import load_state, load_tensors, save_state, save_tensors
 
