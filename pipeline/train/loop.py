@@ -514,19 +514,25 @@ class _Trainer:
     def _prepare_output(self) -> Path | None:
         """Clean what an interrupted run of this stage left, then pick the checkpoint to resume
         (main process decides; the others follow)."""
-        resume_from = None
+        found, error = None, None
         if self.main:
             for name in ("model", "metrics.json", "steps.tsv", "validation.tsv", "config.yaml"):
                 remove_stale_temps(self.out / name, self.log)
             ckpt.clean_leftovers(self.ckpt_root, self.log)
-            resume_from = ckpt.resolve_resume(self.resume, self.ckpt_root, self.options, self.log)
-        if self.acc.num_processes > 1:
+            try:
+                path = ckpt.resolve_resume(self.resume, self.ckpt_root, self.options, self.log)
+                found = str(path) if path else None
+            except CepeError as exc:
+                error = str(exc)
+        if self.acc.num_processes > 1:  # every process stops on the main one's error, none waits
             from accelerate.utils import broadcast_object_list
 
-            box = [str(resume_from) if resume_from else None]
+            box = [found, error]
             broadcast_object_list(box, from_process=0)
-            resume_from = Path(box[0]) if box[0] else None
-        return resume_from
+            found, error = box
+        if error:
+            raise CepeError(error)
+        return Path(found) if found else None
 
     def run(self) -> dict[str, Any]:
         o, task, acc = self.options, self.task, self.acc
