@@ -59,7 +59,19 @@ def _not_implemented(name: str, help_text: str) -> click.Command:
     return stub
 
 
+# Commands that never load a model: they skip `quiet_libraries`, which imports transformers.
+NO_MODEL_COMMANDS = ("use-profile", "plots")
+
+
 class CepeCLI(LazyGroup):
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in COMMANDS and name not in NO_MODEL_COMMANDS and not {"-h", "--help"} & set(rest):
+            from pipeline.console import quiet_libraries
+
+            quiet_libraries()  # no transformers bars or LOAD REPORT tables (pipeline/console.py)
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -53,6 +53,10 @@ class BenchConfig:
 
         if not self.lengths:
             raise ConfigError("lengths: expected at least one total length")
+        if self.attn_implementation != "auto":
+            from pipeline.backends import check_attn_implementation
+
+            check_attn_implementation(self.attn_implementation)
         if self.chunk_len < 1 or self.decoder_len < 1:
             raise ConfigError("chunk_len, decoder_len: expected positive integers")
         for total in self.lengths:

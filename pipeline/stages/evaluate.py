@@ -87,6 +87,10 @@ class EvaluateConfig:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if any(n < 64 for n in self.ruler_lengths):
             raise ConfigError(f"ruler_lengths: expected lengths of at least 64 tokens, got {self.ruler_lengths}")
+        if self.attn_implementation and not self.predictions:
+            from pipeline.backends import check_attn_implementation
+
+            check_attn_implementation(self.attn_implementation)
 
     @property
     def output_dir(self) -> Path:
@@ -97,13 +101,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     """Run the configured evaluation; returns the metrics it wrote."""
     from pipeline.evaluate import runners
     from pipeline.evaluate.report import RunRecord
-    from pipeline.io import atomic_directory
+    from pipeline.io import atomic_directory, disk_full_as_error
 
     record = RunRecord(config.task, to_dict(config))
     out = config.output_dir
     if config.predictions and Path(config.predictions).resolve() == out.resolve():
         raise CepeError("output: must differ from the predictions folder (the output folder is replaced)")
-    with atomic_directory(out) as tmp:
+    with disk_full_as_error(out), atomic_directory(out) as tmp:
         if config.task == "ppl":
             metrics = runners.run_ppl(config, tmp, record)
         elif config.task in ("longbench", "longbench-e"):
