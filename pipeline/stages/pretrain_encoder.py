@@ -68,6 +68,9 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
     if config.init == "decoder-layers":
         from transformers import AutoModelForCausalLM
 
+        from pipeline.hub import require_local_or_hub
+
+        require_local_or_hub(config.decoder, "decoder")
         decoder = AutoModelForCausalLM.from_pretrained(config.decoder, dtype=torch.float32)
         if decoder.config.vocab_size != vocab_size:
             raise CepeError(f"decoder: {config.decoder} has vocabulary {decoder.config.vocab_size}, "
