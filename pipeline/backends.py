@@ -1,9 +1,10 @@
 """Optional compute backends a user asks for by name, checked before any model loads.
 
 `attn_implementation: flash_attention_2` without the flash-attn package used to end in four
-tracebacks from inside `transformers`; a stage config calls `check_attn_implementation` in its
-validation instead, so the user gets one line naming the option and the alternatives. Looking a
-package up (`importlib.util.find_spec`) imports nothing, so this stays cheap in config checks.
+tracebacks from inside `transformers`; a stage calls `check_attn_implementation` before it loads a
+model instead, so the user gets one line naming the option and the alternatives. (Not in the
+config's validation: a profile naming flash-attn must still load on a machine without it, e.g.
+for `dvc params diff`.) Looking a package up (`importlib.util.find_spec`) imports nothing.
 """
 
 from __future__ import annotations

@@ -53,10 +53,6 @@ class BenchConfig:
 
         if not self.lengths:
             raise ConfigError("lengths: expected at least one total length")
-        if self.attn_implementation != "auto":
-            from pipeline.backends import check_attn_implementation
-
-            check_attn_implementation(self.attn_implementation)
         if self.chunk_len < 1 or self.decoder_len < 1:
             raise ConfigError("chunk_len, decoder_len: expected positive integers")
         for total in self.lengths:
@@ -87,6 +83,9 @@ class BenchConfig:
 
 def run(config: BenchConfig) -> dict[str, Any]:
     """Measure, write `bench.json` + `bench.md` into `config.output_dir`, return the report."""
+    from pipeline.backends import check_attn_implementation
     from pipeline.bench.runner import run_bench
 
+    if config.attn_implementation != "auto":  # checked here, not in the config: a profile loads anywhere
+        check_attn_implementation(config.attn_implementation)
     return run_bench(config)

@@ -87,10 +87,6 @@ class EvaluateConfig:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if any(n < 64 for n in self.ruler_lengths):
             raise ConfigError(f"ruler_lengths: expected lengths of at least 64 tokens, got {self.ruler_lengths}")
-        if self.attn_implementation and not self.predictions:
-            from pipeline.backends import check_attn_implementation
-
-            check_attn_implementation(self.attn_implementation)
 
     @property
     def output_dir(self) -> Path:
