@@ -102,7 +102,7 @@ def test_figures_skip_what_no_run_has(tmp_path):
 def test_run_writes_png_svg_and_a_static_page(tmp_path):
     dirs = _runs(tmp_path)
     out = tmp_path / "plots"
-    summary = run(PlotsConfig(runs=dirs, output=str(out)))
+    summary = run(PlotsConfig(runs=dirs, output=str(out), dpi=40))
     names = ["loss", "validation", "ceped", "ppl_by_length", "ruler_by_length"]
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.{f}" for n in names for f in ("png", "svg")] + ["index.html"])
     for n in names:
@@ -114,7 +114,7 @@ def test_run_writes_png_svg_and_a_static_page(tmp_path):
     assert summary["series"]["loss"] == ["encoder", "warmup", "train", "distill"]
     # the same tables give the same bytes (no dates in the files)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    run(PlotsConfig(runs=dirs, output=str(out)))
+    run(PlotsConfig(runs=dirs, output=str(out), dpi=40))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
 
 
@@ -178,7 +178,7 @@ def test_page_renders_in_a_headless_browser(tmp_path):
     if browser is None:
         pytest.skip("no chromium/chrome on this machine")
     out = tmp_path / "plots"
-    run(PlotsConfig(runs=_runs(tmp_path), output=str(out)))
+    run(PlotsConfig(runs=_runs(tmp_path), output=str(out), formats=["svg"]))
     _screenshot(browser, out / "index.html", tmp_path / "shot.png")
     ink, blue = _ink(tmp_path / "shot.png")
     assert ink > 0.03 and blue > 0.0005, (ink, blue)  # axes, text and the curves were drawn
