@@ -1,10 +1,11 @@
 """Optional compute backends a user asks for by name, checked before any model loads.
 
 `attn_implementation: flash_attention_2` without the flash-attn package used to end in four
-tracebacks from inside `transformers`; a stage calls `check_attn_implementation` before it loads a
-model instead, so the user gets one line naming the option and the alternatives. (Not in the
-config's validation: a profile naming flash-attn must still load on a machine without it, e.g.
-for `dvc params diff`.) Looking a package up (`importlib.util.find_spec`) imports nothing.
+tracebacks from inside `transformers` (one set per launched process); every CLI command checks its
+config's `*attn_implementation` keys here first (`cepe_cli/options.py: check_backends`), so the
+user gets one line naming the option and the alternatives. (Not in the config's validation: a
+profile naming flash-attn must still load on a machine without it, e.g. for `dvc params diff`.)
+Looking a package up (`importlib.util.find_spec`) imports nothing.
 """
 
 from __future__ import annotations

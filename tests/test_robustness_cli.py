@@ -196,6 +196,10 @@ def test_flash_attention_without_flash_attn_is_one_line(tmp_path):
     _one_line(_cli("evaluate", "--task", "ppl", "--model", str(model), "--attn-implementation", "flash_attention_2"),
               "attn_implementation: flash_attention_2 needs flash-attn", "use sdpa or eager")
     _one_line(_cli("bench", "--attn-implementation", "flash_attention_2"), "attn_implementation: flash_attention_2")
+    # training stages check before launching N processes that would each fail
+    _one_line(_cli("train", "--attn-implementation", "flash_attention_2", "--num-processes", "2"),
+              "attn_implementation: flash_attention_2 needs flash-attn")
+    _one_line(_cli("teacher-logits", "--attn-implementation", "flash_attention_2"), "attn_implementation: flash_attention_2")
 
 
 def _shard_source(tmp_path: Path) -> Path:

@@ -75,12 +75,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
     """`AutoModelForCausalLM.from_pretrained` with CEPE registered, in eval mode on `device`."""
     if not name_or_path:
         raise CepeError("model: a model directory or name is required (--model PATH)")
-    from pipeline.backends import check_attn_implementation
     from pipeline.hub import require_local_or_hub
 
     require_local_or_hub(name_or_path, "model")
-    if attn_implementation:
-        check_attn_implementation(attn_implementation, "attn_implementation")
     from transformers import AutoModelForCausalLM
 
     importlib.import_module("pipeline.model")  # registers CepeForCausalLM when it is present

@@ -83,9 +83,6 @@ class BenchConfig:
 
 def run(config: BenchConfig) -> dict[str, Any]:
     """Measure, write `bench.json` + `bench.md` into `config.output_dir`, return the report."""
-    from pipeline.backends import check_attn_implementation
     from pipeline.bench.runner import run_bench
 
-    if config.attn_implementation != "auto":  # checked here, not in the config: a profile loads anywhere
-        check_attn_implementation(config.attn_implementation)
     return run_bench(config)
