@@ -38,7 +38,13 @@ def parse_load_report(message: str) -> tuple[str, str, dict[str, list[str]]] | N
 
 
 def summarize_load_report(cls: str, source: str, rows: dict[str, list[str]]) -> str | None:
-    """One plain line for what matters in a report (None when nothing does)."""
+    """One plain line for what matters in a report (None when nothing does).
+
+    A report whose rows cannot be read (another transformers table layout) still gets a line:
+    missing weights must never pass unsaid.
+    """
+    if not rows:
+        return f"warning: {cls} from {source}: transformers reports weights that differ from the checkpoint"
     parts = []
     for status, what in (("MISSING", "not in the checkpoint"), ("MISMATCH", "of another shape in the checkpoint")):
         keys = rows.get(status, [])

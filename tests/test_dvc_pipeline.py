@@ -239,6 +239,7 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
     # images only (the plots stage's SVGs): the page dvc writes loads nothing from a CDN
     assert "errors" not in plots and len(plots["data"]) == 5
     assert all(v and v[0]["type"] == "image" and Path(v[0]["url"]).is_file() for v in plots["data"].values())
+    _run([str(dvc), "plots", "show"], repo, env)
     assert "cdn" not in (repo / "dvc_plots" / "index.html").read_text().lower()
 
     second = _run([str(dvc), "repro"], repo, env)

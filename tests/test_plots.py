@@ -112,10 +112,12 @@ def test_run_writes_png_svg_and_a_static_page(tmp_path):
     page = (out / "index.html").read_text()
     assert "<script" not in page and "http" not in page and all(f'src="{n}.svg"' in page for n in names)
     assert summary["series"]["loss"] == ["encoder", "warmup", "train", "distill"]
-    # the same tables give the same bytes (no dates in the files)
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
-    run(PlotsConfig(runs=dirs, output=str(out), dpi=40))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    # the same tables and settings give the same bytes (no dates, fixed ids)
+    again = tmp_path / "again"
+    run(PlotsConfig(runs=dirs[-1:], output=str(again), dpi=40))
+    first = {p.name: p.read_bytes() for p in again.iterdir()}
+    run(PlotsConfig(runs=dirs[-1:], output=str(again), dpi=40))
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == first
 
 
 def test_cli_takes_directories_and_fails_in_one_line(tmp_path):

@@ -288,7 +288,7 @@ def test_prepare_data_warns_on_an_empty_validation_split(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: split 'validation'")]
-    assert len(warned) == 1 and "no val_loss" in warned[0] and "splits.validation (now 0.01)" in warned[0]
+    assert len(warned) == 1 and "val_loss: null" in warned[0] and "splits.validation (now 0.01)" in warned[0]
     assert summary["rows"]["validation"] == 0 and len(summary["warnings"]) == 2  # validation and test
     # a split asked to be empty is not warned about
     result = CliRunner().invoke(cli, ["prepare-data", "--source", str(source), "--output", str(tmp_path / "out2"), *PREP,
@@ -360,4 +360,5 @@ def test_report_parser_on_transformers_text():
     assert (cls, src) == ("CepeEncoder", "runs/encoder/model")
     assert rows == {"UNEXPECTED": ["mlm_head.weight"], "MISSING": ["layers.{0, 1}.mlp.up_proj.weight"]}
     assert summarize_load_report(cls, src, {"UNEXPECTED": ["mlm_head.weight"]}) is None
+    assert "differ from the checkpoint" in summarize_load_report(cls, src, {})  # unreadable table: still said
     assert "1 weight group(s) not in the checkpoint" in summarize_load_report(cls, src, rows)

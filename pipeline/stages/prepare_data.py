@@ -282,9 +282,10 @@ def empty_split_warnings(config: PrepareConfig, splits: dict[str, dict[str, Any]
         got = f"{info['documents']} of the {kept_docs} documents kept"
         why = (f"{got} fell in it (a document's split is a hash of its text)" if not info["documents"] else
                f"{got} fell in it, too short for one window")
-        notes.append(f"split {split!r} of {config.output_dir()} is empty: {why}; training will report no "
-                     f"{'val_loss' if split == 'validation' else split + ' numbers'}. Give more documents (more "
-                     f"sources, a larger max_documents/max_tokens) or a larger splits.{split} (now {frac:g})")
+        effect = ("training stages will report val_loss: null" if split == "validation" else
+                  f"a stage reading split {split!r} (e.g. evaluate --shard-split {split}) gets no window")
+        notes.append(f"split {split!r} of {config.output_dir()} is empty: {why}; {effect}. Give more documents "
+                     f"(more sources, a larger max_documents/max_tokens) or a larger splits.{split} (now {frac:g})")
     return notes
 
 
