@@ -105,24 +105,25 @@ def _unreachable(option: str, reason: str) -> str:
     return f"the hub cannot be reached ({reason}); pass a local directory with {flag} DIR, or {hint}"
 
 
-def require_local_or_hub(name: str, option: str, repo_type: str = "model") -> None:
+def require_local_or_hub(name: str, option: str, repo_type: str = "model", label: str | None = None) -> None:
     """Fail fast, with one line naming `option`, unless `name` can be loaded.
 
     An existing local path passes. A name that cannot be a hub id (`runs/x/model`, `./m`, `/abs`)
     is a missing directory. A hub id passes when the hub is reachable or the local cache has it.
+    The message starts with `label` (default: `option`), e.g. "source 'hf:org/x'".
 
     Raises:
         CepeError: "OPTION: no such directory: NAME" (and why the hub cannot serve it instead).
     """
-    text = str(name)
+    text, where = str(name), label or option
     if Path(text).expanduser().exists():
         return
     if not looks_like_hub_id(text):
-        raise CepeError(f"{option}: no such directory: {text}")
+        raise CepeError(f"{where}: no such directory: {text}")
     reason = offline_reason()
     if reason is None or is_cached(text, repo_type):
         return
-    raise CepeError(f"{option}: no such directory: {text}, and as a hub name {_unreachable(option, reason)}")
+    raise CepeError(f"{where}: no such directory: {text}, and as a hub name {_unreachable(option, reason)}")
 
 
 def require_hub(repo_id: str, option: str, repo_type: str = "model") -> None:

@@ -59,7 +59,7 @@ def _one_line(result, *texts):
     (["evaluate", "--task", "ppl", "--model", "./m", "--tokenizer", "./nothing"], "model"),
     (["convert-decoder", "--source", "runs/no/decoder", "--output", "out"], "source"),
     (["prepare-data", "--tokenizer", "runs/no/tok", "--output", "out"], "tokenizer"),
-    (["prepare-data", "--source", "hf:data/no/such", "--output", "out"], "source"),
+    (["prepare-data", "--source", "hf:data/no/such", "--output", "out"], "source 'hf:data/no/such'"),
     (["warmup", "--decoder", "runs/no/decoder", "--data", "{dup}", "--output", "out"], "decoder"),
     (["pretrain-encoder", "--decoder", "runs/no/decoder", "--init", "decoder-layers", "--data", "{mlm}", "--output", "out"], "decoder"),
 ])

@@ -451,7 +451,7 @@ def check_sources(specs: list[SourceSpec]) -> None:
         elif spec.kind == "hf" and not _is_packaged_builder(spec.target):
             from pipeline.hub import require_local_or_hub
 
-            require_local_or_hub(spec.target, "source", repo_type="dataset")
+            require_local_or_hub(spec.target, "source", repo_type="dataset", label=f"source {spec.spec!r}")
 
 
 def _is_packaged_builder(name: str) -> bool:
