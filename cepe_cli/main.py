@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher-logits": ("cepe_cli.distill", "Precompute the teacher's top-k probabilities (CEPED)."),
     "distill": ("cepe_cli.distill", "CEPED: CE + KL(teacher || student) distillation."),
     "evaluate": ("cepe_cli.evaluate", "Evaluate a model: ppl, longbench, zeroscrolls, ruler."),
+    "plots": ("cepe_cli.plots", "PNG/SVG figures of training and evaluation runs (offline)."),
     "bench": ("cepe_cli.bench", "Memory and speed of CEPE against full attention."),
     "convert-decoder": ("cepe_cli.convert", "Convert a decoder (e.g. the packaged SmolLM2 GGUF) to safetensors."),
     "use-profile": ("cepe_cli.profiles", "Switch params.yaml to a profile: cpu, tiny, gpu, paper."),
@@ -59,7 +60,19 @@ def _not_implemented(name: str, help_text: str) -> click.Command:
     return stub
 
 
+# Commands that never load a model: they skip `quiet_libraries`, which imports transformers.
+NO_MODEL_COMMANDS = ("use-profile", "plots")
+
+
 class CepeCLI(LazyGroup):
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in COMMANDS and name not in NO_MODEL_COMMANDS and not {"-h", "--help"} & set(rest):
+            from pipeline.console import quiet_libraries
+
+            quiet_libraries()  # no transformers bars or LOAD REPORT tables (pipeline/console.py)
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

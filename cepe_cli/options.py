@@ -8,7 +8,8 @@
 - one `--field-name VALUE` option per dataclass field, defaulting to "unset" so that only what the
   user typed overrides the params file.
 
-The decorated function receives a single `config` argument: the resolved, validated dataclass.
+The decorated function receives a single `config` argument: the resolved, validated dataclass
+(its attention backends checked as installed, `check_backends`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     return str, False
 
 
+def check_backends(config: Any) -> None:
+    """Every `*attn_implementation` key of a stage names a backend installed here, checked when the
+    command runs (before any work, and before `--num-processes` launches N processes that would
+    each fail), not when a profile loads: a profile naming flash-attn loads on any machine."""
+    from pipeline.backends import check_attn_implementation
+
+    for name, value in vars(config).items():
+        if name.endswith("attn_implementation") and isinstance(value, str):
+            check_attn_implementation(value, name)
+
+
 def config_options(config_cls: type, section: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     fields = field_help(config_cls)
 
@@ -56,6 +68,7 @@ def config_options(config_cls: type, section: str) -> Callable[[Callable[..., An
             if params_file is None and Path("params.yaml").is_file():
                 params_file = "params.yaml"
             config = load_config(config_cls, sec, params_file, overrides)
+            check_backends(config)
             return fn(config=config, **kwargs)
 
         for name, (tp, help_text) in reversed(list(fields.items())):

@@ -13,6 +13,7 @@ JSON is written strict: NaN and infinities become null (`finite_or_null`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -23,6 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from pipeline.errors import CepeError
+
+# "No space left on device" and "disk quota exceeded": the disk, not the program, is at fault.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -163,3 +169,45 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk (or quota) is full; pyarrow's IO errors carry
+    the errno only in their message."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in DISK_FULL_ERRNOS or "No space left on device" in str(exc) or "[errno 28]" in str(exc)
+
+
+def _free_mib(path: Path) -> float | None:
+    for candidate in (path, *path.resolve().parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free / 2**20
+            except OSError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike[str], option: str = "output") -> Iterator[None]:
+    """Turn a full disk inside the block into one line naming `path` and `option`.
+
+    Meant around a stage's `atomic_directory` / atomic writes: by the time the error reaches
+    here they have removed their temporary files, so the message can say nothing was left.
+
+    Raises:
+        CepeError: "OPTION: no space left on the device of PATH (N MiB free); nothing was written
+            (what was there before is kept): free space or choose another --OPTION".
+    """
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        free = _free_mib(Path(path))
+        room = f" ({free:.0f} MiB free)" if free is not None else ""
+        raise CepeError(
+            f"{option}: no space left on the device of {path}{room}; nothing was written (what was there "
+            f"before is kept): free some space or choose another --{option.replace('_', '-')}"
+        ) from None

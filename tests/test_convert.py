@@ -42,8 +42,11 @@ def test_local_directory_round_trip(tmp_path):
 
 
 def test_unloadable_source_is_a_clear_error(tmp_path):
-    with pytest.raises(CepeError, match="cannot load a causal LM"):
+    with pytest.raises(CepeError, match="source: no such directory: .*nothing-here$"):
         run(ConvertConfig(source=str(tmp_path / "nothing-here"), output=str(tmp_path / "out")))
+    (tmp_path / "empty").mkdir()  # a directory, but no model in it
+    with pytest.raises(CepeError, match="cannot load a causal LM"):
+        run(ConvertConfig(source=str(tmp_path / "empty"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 

@@ -118,8 +118,9 @@ def test_spec_mistakes(tmp_path):
 
 
 def test_offline_hub_names_fail_in_one_line(tmp_path):
-    fails(tmp_path, ["hf:someone/not-a-real-dataset-xyz"], "hf:someone/not-a-real-dataset-xyz", "cannot load the dataset")
-    with pytest.raises(CepeError, match="tokenizer 'someone/no-such-tokenizer': cannot load it"):
+    fails(tmp_path, ["hf:someone/not-a-real-dataset-xyz"], "hf:someone/not-a-real-dataset-xyz", "the hub cannot be reached",
+          "HF_HUB_OFFLINE", "--source DIR")
+    with pytest.raises(CepeError, match="tokenizer: no such directory: someone/no-such-tokenizer, .*HF_HUB_OFFLINE"):
         build(tmp_path, ["embedded:abs-guide"], tokenizer="someone/no-such-tokenizer")
 
 

@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, load_config, read_params
 from pipeline.stages.convert_decoder import ConvertConfig
 from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
+from pipeline.stages.plots import PlotsConfig
 from pipeline.stages.prepare_data import PrepareConfig
 from pipeline.stages.pretrain_encoder import PretrainEncoderConfig
 from pipeline.stages.teacher_logits import TeacherLogitsConfig
@@ -43,10 +44,11 @@ SECTIONS = {
     "evaluate_ruler": EvaluateConfig,
     "evaluate_longbench": EvaluateConfig,
     "evaluate": EvaluateConfig,
+    "plots": PlotsConfig,
 }
 STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
-          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ruler"]
-DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler"}
+          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ruler", "plots"]
+DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler", "plots"}
 
 
 def _profile(name: str) -> Path:
@@ -100,6 +102,9 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile):
     for section in ("evaluate_ppl", "evaluate_ruler", "evaluate_longbench"):
         assert _model_dir(p[section]["model"]) == p["train"]["output"] + "/model", section
         assert p[section]["tokenizer"] == decoder, section
+    # the plots stage's deps are these sections' outputs (dvc.yaml): its runs must be the same
+    assert p["plots"]["runs"] == [p[k]["output"] for k in ("pretrain_encoder", "warmup", "train", "distill",
+                                                           "evaluate_ppl", "evaluate_ruler")]
     assert p["prepare_mlm"]["layout"] == "mlm" and p["prepare_warmup"]["layout"] == "duplicate"
     # the teacher and the student must agree on the window split they were computed for
     for key in ("teacher_context_len", "decoder_len", "k", "temperature"):
@@ -231,7 +236,11 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
     ppl = json.loads((repo / "reports/evaluate/ppl/metrics.json").read_text())["ppl"]
     assert set(ppl) == {"128", "192"} and ppl["192"]["cepe"]["ppl"] > 1
     plots = json.loads(_run([str(dvc), "plots", "show", "--json"], repo, env))
-    assert "errors" not in plots and all(v and v[0]["content"]["data"]["values"] for v in plots["data"].values())
+    # images only (the plots stage's SVGs): the page dvc writes loads nothing from a CDN
+    assert "errors" not in plots and len(plots["data"]) == 5
+    assert all(v and v[0]["type"] == "image" and Path(v[0]["url"]).is_file() for v in plots["data"].values())
+    _run([str(dvc), "plots", "show"], repo, env)
+    assert "cdn" not in (repo / "dvc_plots" / "index.html").read_text().lower()
 
     second = _run([str(dvc), "repro"], repo, env)
     assert _ran(second) == set() and "didn't change" in second

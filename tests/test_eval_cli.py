@@ -39,7 +39,7 @@ def test_unknown_task_lists_the_known_ones():
 
 
 def test_model_that_cannot_be_loaded(tmp_path):
-    _one_line_error(_run("--task", "ruler", "--model", str(tmp_path / "missing")), "cannot be loaded")
+    _one_line_error(_run("--task", "ruler", "--model", str(tmp_path / "missing")), f"model: no such directory: {tmp_path / 'missing'}")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     _one_line_error(_run("--task", "ruler", "--model", str(tmp_path / "broken")), "cannot be loaded")

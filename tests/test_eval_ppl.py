@@ -52,7 +52,7 @@ def test_lengths_parsing_and_paper_preset():
     assert [(s.total, s.encoder, s.decoder) for s in specs] == [
         (4096, 2048, 2048), (8192, 4096, 4096), (32768, 28672, 4096), (131072, 126976, 4096)]
     assert [s.encoder // 256 for s in specs] == [8, 16, 112, 496]
-    with pytest.raises(CepeError, match="not a multiple of chunk_len"):
+    with pytest.raises(CepeError, match="leaves 488 tokens before the decoder's 512, not a whole number of 256-token encoder chunks"):
         ppl.parse_lengths(["1000:512"], 512, 256, 256)
     with pytest.raises(CepeError, match="TOTAL or TOTAL:DECODER"):
         ppl.parse_lengths(["4k"], 512, 256, 256)

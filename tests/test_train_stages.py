@@ -109,10 +109,14 @@ def test_stage_inputs_are_checked_before_any_work(world, tmp_path):
         run_train(TrainConfig(data=[str(tmp_path / "none")], output=str(tmp_path / "t"), **QUICK))
     with pytest.raises(CepeError, match="^data: .*'duplicate'.*this stage reads 'prevdoc' or 'concat'"):
         run_train(TrainConfig(data=[str(world["duplicate"])], output=str(tmp_path / "t"), **QUICK))
-    with pytest.raises(CepeError, match="^model: .*no saved model"):
+    with pytest.raises(CepeError, match="^model: no such directory: .*nowhere$"):
         run_train(TrainConfig(data=[str(world["prevdoc"])], model=str(tmp_path / "nowhere"),
                               output=str(tmp_path / "t"), **QUICK))
-    with pytest.raises(CepeError, match="^encoder: .*no saved model"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CepeError, match="^model: .*no saved model"):
+        run_train(TrainConfig(data=[str(world["prevdoc"])], model=str(tmp_path / "empty"),
+                              output=str(tmp_path / "t"), **QUICK))
+    with pytest.raises(CepeError, match="^encoder: no such directory: "):
         run_warmup(WarmupConfig(data=str(world["duplicate"]), decoder=str(world["decoder"]),
                                 encoder=str(tmp_path / "enc"), output=str(tmp_path / "w"), **QUICK))
     assert not (tmp_path / "t").exists() and not (tmp_path / "w").exists()

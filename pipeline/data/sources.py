@@ -448,6 +448,19 @@ def check_sources(specs: list[SourceSpec]) -> None:
     for spec in specs:
         if spec.kind == "files":
             resolve_files(spec)
+        elif spec.kind == "hf" and not _is_packaged_builder(spec.target):
+            from pipeline.hub import require_local_or_hub
+
+            require_local_or_hub(spec.target, "source", repo_type="dataset", label=f"source {spec.spec!r}")
+
+
+def _is_packaged_builder(name: str) -> bool:
+    """`hf:json`, `hf:parquet`, ...: builders inside `datasets` that read `data_files`, no hub."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        return name in ("json", "csv", "parquet", "text", "arrow", "pandas")
+    return name in _PACKAGED_DATASETS_MODULES
 
 
 def interleave(specs: list[SourceSpec], skips: Skips) -> Iterator[Document]:

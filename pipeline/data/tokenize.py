@@ -39,9 +39,16 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
     return str(EMBEDDED_TOKENIZER_DIR) if name_or_path in EMBEDDED_NAMES else name_or_path
 
 
-def load_tokenizer(name_or_path: str = "embedded") -> Any:
-    """A fast `transformers` tokenizer with EOS and pad set (cached per path within a process)."""
-    return _load_tokenizer(resolve_tokenizer_path(name_or_path), name_or_path)
+def load_tokenizer(name_or_path: str = "embedded", option: str = "tokenizer") -> Any:
+    """A fast `transformers` tokenizer with EOS and pad set (cached per path within a process).
+
+    `option` is the config key the name came from, named by the error when it cannot be loaded.
+    """
+    from pipeline.hub import require_local_or_hub
+
+    path = resolve_tokenizer_path(name_or_path)
+    require_local_or_hub(path, option)
+    return _load_tokenizer(path, name_or_path)
 
 
 @functools.lru_cache(maxsize=4)

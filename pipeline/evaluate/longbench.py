@@ -102,6 +102,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # --- data ------------------------------------------------------------------------------------
 
 
+def missing_data_message(task: str, given: str, what: str) -> str:
+    """`--task longbench|zeroscrolls` reads its benchmark's files; `data` then must name them
+    (`embedded`, the ppl corpus and the `evaluate` section's default, is no benchmark)."""
+    typed = f"data is {given!r} (the ppl corpus)" if given else "no --data was given"
+    return f"data: --task {task} needs --data {what}, or --data hub to download it; {typed}"
+
+
 class LongBenchData:
     """Examples per task from a local directory or the hub's `data.zip`, with checksums."""
 
@@ -109,7 +116,10 @@ class LongBenchData:
         self.e = e
         self.source = source
         self.archive: Path | None = None
-        if source in ("", "hub"):
+        if source in ("", "embedded"):
+            raise CepeError(missing_data_message("longbench-e" if e else "longbench", source,
+                                                 "DIR (LongBench's data/<task>.jsonl files)"))
+        if source == "hub":
             self.archive = _download_archive()
             self.root = None
         else:
@@ -150,6 +160,9 @@ class LongBenchData:
 
 def _download_archive() -> Path:
     """LongBench's `data.zip` from the hub dataset repository (cached by huggingface_hub)."""
+    from pipeline.hub import require_hub
+
+    require_hub(HUB_REPO, "data", repo_type="dataset")
     try:
         from huggingface_hub import hf_hub_download
 

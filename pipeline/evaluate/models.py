@@ -54,20 +54,13 @@ def resolve_dtype(dtype: str, device: str) -> Any:
         raise CepeError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """The project's tokenizer loader when present ("embedded" and paths), else AutoTokenizer."""
-    try:
-        tokenize = importlib.import_module("pipeline.data.tokenize")
-        loader = getattr(tokenize, "load_tokenizer")
-    except (ImportError, AttributeError):
-        loader = None
-    try:
-        if loader is not None:
-            tok = loader(name_or_path)
-        else:
-            from transformers import AutoTokenizer
+def load_tokenizer(name_or_path: str, option: str = "tokenizer") -> Any:
+    """The project's tokenizer loader ("embedded", paths, hub names); `option` is the config key
+    the name came from (errors name it)."""
+    from pipeline.data.tokenize import load_tokenizer as project_loader
 
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tok = project_loader(name_or_path, option)
     except CepeError:
         raise
     except Exception as exc:  # OSError, ValueError, JSON errors from a broken folder
@@ -82,6 +75,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
     """`AutoModelForCausalLM.from_pretrained` with CEPE registered, in eval mode on `device`."""
     if not name_or_path:
         raise CepeError("model: a model directory or name is required (--model PATH)")
+    from pipeline.hub import require_local_or_hub
+
+    require_local_or_hub(name_or_path, "model")
     from transformers import AutoModelForCausalLM
 
     importlib.import_module("pipeline.model")  # registers CepeForCausalLM when it is present

@@ -63,14 +63,54 @@ def parse_lengths(items: list[str], decoder_len: int, chunk_len: int, eval_windo
                 total, dec = int(text), decoder_len
         except ValueError:
             raise CepeError(f"lengths: expected TOTAL or TOTAL:DECODER tokens, got {item!r}") from None
-        if dec < eval_window + 1 or total < dec:
-            raise CepeError(f"lengths: {item!r} needs {eval_window + 1} <= decoder <= total")
-        if (total - dec) % chunk_len:
-            raise CepeError(f"lengths: {item!r}: encoder part {total - dec} is not a multiple of chunk_len {chunk_len}")
+        check_length(text, total, dec, ":" in text, decoder_len, chunk_len, eval_window)
         specs.append(LengthSpec(total, dec))
     if not specs:
         raise CepeError("lengths: at least one length is required")
     return specs
+
+
+def check_length(text: str, total: int, dec: int, explicit: bool, decoder_len: int, chunk_len: int,
+                 eval_window: int) -> None:
+    """One `lengths` item's geometry, explained in the user's numbers when it cannot work.
+
+    A window is TOTAL tokens: the last DECODER go to the decoder, which scores its last
+    `eval_window` (each needs one token before it, so DECODER > eval_window), and the
+    TOTAL - DECODER before them go to the encoder in whole `chunk_len` chunks.
+
+    Raises:
+        CepeError: what was typed, what is allowed and why, with lengths that would work.
+    """
+    where = "" if explicit else f" (decoder_len {decoder_len})"
+    examples = "e.g. " + " or ".join(repr(x) for x in _working_lengths(total, dec, decoder_len, chunk_len, eval_window))
+    if total < 1 or dec < 1:
+        raise CepeError(f"lengths: {text!r}: expected positive token counts, TOTAL or TOTAL:DECODER ({examples})")
+    if dec <= eval_window:
+        raise CepeError(
+            f"lengths: {text!r} gives the decoder {dec} tokens{where}, but it scores its last {eval_window} "
+            f"(eval_window), which needs at least {eval_window + 1} (the first token has no prediction); "
+            f"give the decoder more ({examples}) or lower --eval-window")
+    if total < dec:
+        raise CepeError(
+            f"lengths: {text!r} is {total} tokens in all, fewer than the decoder's {dec}{where}; TOTAL holds "
+            f"the decoder's tokens plus the encoder's chunks of {chunk_len} (chunk_len) before them ({examples})")
+    if (total - dec) % chunk_len:
+        raise CepeError(
+            f"lengths: {text!r} leaves {total - dec} tokens before the decoder's {dec}{where}, not a whole number "
+            f"of {chunk_len}-token encoder chunks (chunk_len); TOTAL - DECODER must be a multiple of {chunk_len} "
+            f"({examples})")
+
+
+def _working_lengths(total: int, dec: int, decoder_len: int, chunk_len: int, eval_window: int) -> list[str]:
+    """Items close to what was typed that pass `check_length`: the typed decoder with one encoder
+    chunk, and the typed total with the smallest decoder that fits it."""
+    d0 = max(dec, eval_window + 1)
+    out = [f"{d0 + chunk_len}" if d0 == decoder_len else f"{d0 + chunk_len}:{d0}"]
+    if total > eval_window:
+        d = eval_window + 1 + (total - eval_window - 1) % chunk_len
+        if d != dec:
+            out.append(f"{total}:{d}")
+    return out
 
 
 # --- documents -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def setup_model(config: Any, record: report.RunRecord) -> tuple[Any, Any]:
 
         hf_logging.disable_progress_bar()
     model = models.load_model(config.model, config.dtype, config.device, config.attn_implementation or None)
-    tokenizer = models.load_tokenizer(config.tokenizer or config.model)
+    tokenizer = models.load_tokenizer(config.tokenizer or config.model, "tokenizer" if config.tokenizer else "model")
     record.set("model_info", models.describe(model))
     return model, tokenizer
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CepeError
-from pipeline.evaluate.longbench import read_jsonl, read_jsonl_lines
+from pipeline.evaluate.longbench import missing_data_message, read_jsonl, read_jsonl_lines
 
 TASKS = ("qasper", "narrative_qa", "quality", "qmsum", "summ_screen_fd", "gov_report")
 SUMMARY_TASKS = ("qmsum", "summ_screen_fd", "gov_report")
@@ -52,7 +52,12 @@ def load_task(source: str, task: str, split: str = "validation") -> tuple[list[d
     Local layouts: `<dir>/<task>/<split>.jsonl` (the unpacked `<task>.zip`) or `<dir>/<task>.jsonl`;
     `hub` reads `<task>.zip` from the tau/zero_scrolls dataset repository.
     """
-    if source in ("", "hub"):
+    if source in ("", "embedded"):
+        raise CepeError(missing_data_message("zeroscrolls", source, "DIR with the unpacked ZeroSCROLLS zips"))
+    if source == "hub":
+        from pipeline.hub import require_hub
+
+        require_hub(HUB_REPO, "data", repo_type="dataset")
         try:
             from huggingface_hub import hf_hub_download
 

@@ -284,6 +284,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 kwargs["dtype"] = dtype
             if attn_implementation:
                 kwargs["attn_implementation"] = attn_implementation
+            from pipeline.hub import require_local_or_hub
+
+            require_local_or_hub(name_or_path, "decoder")
             decoder = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         else:
             name_or_path = getattr(decoder.config, "_name_or_path", None) or None
@@ -493,6 +496,9 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
     def _load_decoder_weights(self, dtype: Any = None) -> None:
         source = self.config.decoder_name_or_path
         param = next(self.decoder.parameters())
+        from pipeline.hub import require_local_or_hub
+
+        require_local_or_hub(source, "decoder")  # the saved model names its decoder, not stored with it
         plain = AutoModelForCausalLM.from_pretrained(source, dtype=param.dtype)
         missing, unexpected = self.decoder.load_state_dict(plain.state_dict(), strict=False)
         missing = [k for k in missing if ".cross_attn." not in k]

@@ -85,6 +85,9 @@ def load_source(source: str, dtype: str):
             plain.tie_weights()
             plain.generation_config = gguf_model.generation_config
             return plain.to(torch_dtype), tokenizer
+        from pipeline.hub import require_local_or_hub
+
+        require_local_or_hub(source, "source")
         tokenizer = AutoTokenizer.from_pretrained(source)
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype), tokenizer
     except CepeError:

@@ -97,13 +97,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     """Run the configured evaluation; returns the metrics it wrote."""
     from pipeline.evaluate import runners
     from pipeline.evaluate.report import RunRecord
-    from pipeline.io import atomic_directory
+    from pipeline.io import atomic_directory, disk_full_as_error
 
     record = RunRecord(config.task, to_dict(config))
     out = config.output_dir
     if config.predictions and Path(config.predictions).resolve() == out.resolve():
         raise CepeError("output: must differ from the predictions folder (the output folder is replaced)")
-    with atomic_directory(out) as tmp:
+    with disk_full_as_error(out), atomic_directory(out) as tmp:
         if config.task == "ppl":
             metrics = runners.run_ppl(config, tmp, record)
         elif config.task in ("longbench", "longbench-e"):

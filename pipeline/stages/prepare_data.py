@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -267,15 +268,39 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def empty_split_warnings(config: PrepareConfig, splits: dict[str, dict[str, Any]], kept_docs: int) -> list[str]:
+    """One warning per split that was asked for (fraction > 0) but got no window.
+
+    An empty validation split is not an error (training runs), but it silently leaves
+    `val_loss` null in every training stage, so the user is told which split and what to change.
+    """
+    notes = []
+    for split, info in splits.items():
+        frac = config.splits.get(split, 0)
+        if info["rows"] or not frac:
+            continue
+        got = f"{info['documents']} of the {kept_docs} documents kept"
+        why = (f"{got} fell in it (a document's split is a hash of its text)" if not info["documents"] else
+               f"{got} fell in it, too short for one window")
+        effect = ("training stages will report val_loss: null" if split == "validation" else
+                  f"a stage reading split {split!r} (e.g. evaluate --shard-split {split}) gets no window")
+        notes.append(f"split {split!r} of {config.output_dir()} is empty: {why}; {effect}. Give more documents "
+                     f"(more sources, a larger max_documents/max_tokens) or a larger splits.{split} (now {frac:g})")
+    return notes
+
+
 def run(config: PrepareConfig) -> dict[str, Any]:
     """Build the shard directory; returns a summary (the manifest's counts and where it is).
 
     Raises:
         CepeError: a bad source or file, a tokenizer that cannot be loaded, a source with no
-            document left after filtering, or no window at all. Nothing is left at `output` then
-            (an existing directory there stays as it was); the same holds for Ctrl-C and SIGTERM.
+            document left after filtering, no window at all, or a full disk. Nothing is left at
+            `output` then (an existing directory there stays as it was); the same holds for Ctrl-C
+            and SIGTERM.
     """
-    with _sigterm_as_interrupt():
+    from pipeline.io import disk_full_as_error
+
+    with _sigterm_as_interrupt(), disk_full_as_error(config.output_dir()):
         return _run(config)
 
 
@@ -410,6 +435,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
                             f"kept, a window needs {window} tokens{' inside one document' if 'prevdoc' in weights and len(weights) == 1 else ''}")
         if weights.keys() == {"prevdoc"}:
             drops.add("shorter_than_window", short_prevdoc)
+        notes = empty_split_warnings(config, splits_out, kept_docs)
 
         params = {k: v for k, v in to_dict(config).items() if k not in NON_CONTENT_KEYS}
         manifest: dict[str, Any] = {
@@ -451,6 +477,8 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
         })
         atomic_write_json(Path(tmp) / MANIFEST, manifest)
 
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     elapsed = time.time() - started
     return {
         "output": str(out_dir),
@@ -465,4 +493,5 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
         "seconds": round(elapsed, 2),
         "tokens_per_second": round(kept_tokens / elapsed) if elapsed > 0 else None,
         "num_proc": num_proc,
+        "warnings": notes,
     }

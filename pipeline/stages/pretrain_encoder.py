@@ -68,11 +68,16 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
     if config.init == "decoder-layers":
         from transformers import AutoModelForCausalLM
 
+        from pipeline.hub import require_local_or_hub
         from pipeline.stages.warmup import load_checked, resolve_model_dir
 
-        decoder_dir = resolve_model_dir(config.decoder, "decoder")
-        decoder = load_checked(lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=torch.float32),
-                               decoder_dir, "decoder")
+        require_local_or_hub(config.decoder, "decoder")
+        if Path(config.decoder).exists():
+            decoder_dir = resolve_model_dir(config.decoder, "decoder")
+            decoder = load_checked(lambda: AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=torch.float32),
+                                   decoder_dir, "decoder")
+        else:  # a hub name (require_local_or_hub has checked that it can be reached)
+            decoder = AutoModelForCausalLM.from_pretrained(config.decoder, dtype=torch.float32)
         if decoder.config.vocab_size != vocab_size:
             raise CepeError(f"decoder: {config.decoder} has vocabulary {decoder.config.vocab_size}, "
                             f"the shards {vocab_size}")

@@ -97,7 +97,10 @@ def load_teacher(name: str, dtype: str = "auto", attn_implementation: str = "sdp
     """(TeacherRef, model on `device`, eval mode, frozen) for a `--teacher` value."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.hub import require_local_or_hub
+
     ref = resolve_teacher(name)
+    require_local_or_hub(ref.resolved, "teacher")
     device = device or default_device()
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.resolved, dtype=torch_dtype(dtype, device),

@@ -75,6 +75,8 @@ class WarmupConfig(LmStageOptions):
 def resolve_model_dir(path: str, key: str) -> Path:
     """A stage output directory or its `model/`: whichever holds a config.json."""
     p = Path(path)
+    if not p.exists():
+        raise CepeError(f"{key}: no such directory: {path}")
     for candidate in (p, p / "model"):
         if (candidate / "config.json").is_file():
             return candidate
