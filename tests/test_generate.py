@@ -179,3 +179,21 @@ def test_training_stages_save_tokenizer_and_geometry(tmp_path):
         from pipeline.stages.model_output import manifest_tokenizer
 
         manifest_tokenizer(Shards.manifest, "data/x")
+
+
+def test_every_profile_has_every_key_of_the_hand_run_sections():
+    import dataclasses
+    from pathlib import Path
+
+    from pipeline.config import load_config, read_params
+    from pipeline.stages.bench_serve import BenchServeConfig
+    from pipeline.stages.generate import GenerateConfig
+    from pipeline.stages.serve import ServeConfig
+
+    root = Path(__file__).resolve().parent.parent
+    for profile in sorted((root / "params").glob("*.yaml")):
+        params = read_params(profile)
+        for section, cls in (("generate", GenerateConfig), ("serve", ServeConfig), ("bench_serve", BenchServeConfig)):
+            assert set(params[section]) == {f.name for f in dataclasses.fields(cls)}, (profile.name, section)
+            load_config(cls, section, profile)
+    assert read_params(root / "params" / "cpu.yaml")["serve"]["host"] == "127.0.0.1"  # loopback by default

@@ -156,10 +156,10 @@ class Engine:
             model.config.encoder_chunk_batch_size = int(encoder_chunk_batch)
         if eos_ids is None:
             eos_ids = model_eos_ids(model, tokenizer)
-        self.eos = [int(i) for i in eos_ids]
+        self.eos = [int(i) for i in eos_ids]  # [] = no end-of-sequence token (the benchmark's random ids)
         if pad_id is None:
-            pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else self.eos[0]
-        self.pad_id = int(pad_id)
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad_id if pad_id is not None else (self.eos[0] if self.eos else 0))
         self.lock = threading.Lock()
 
     @property
@@ -217,7 +217,7 @@ class Engine:
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(device), attention_mask=mask.to(device),
             max_new_tokens=max(job.max_new_tokens for job in jobs), num_beams=1, do_sample=decoding.do_sample,
-            pad_token_id=self.pad_id, eos_token_id=self.eos, use_cache=True, streamer=rows,
+            pad_token_id=self.pad_id, eos_token_id=self.eos or None, use_cache=True, streamer=rows,
             stopping_criteria=_stopping(rows),
         )
         if decoding.do_sample:
@@ -279,15 +279,21 @@ class Worker:
             return len(self._pending)
 
     def submit(self, job: Job) -> Job:
+        self.submit_many([job])
+        return job
+
+    def submit_many(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs that arrive together (all or none), so one turn can batch them."""
         with self._cond:
             if self._stop:
                 raise CepeError("the generation worker has stopped")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are waiting already (max_queue {self.max_queue})")
-            job.submitted = time.perf_counter()
-            self._pending.append(job)
+            now = time.perf_counter()
+            for job in jobs:
+                job.submitted = now
+                self._pending.append(job)
             self._cond.notify()
-        return job
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:

@@ -110,9 +110,15 @@ def load_serving_model(path: str, *, tokenizer: str = "", device: str = "auto", 
         raise CepeError(f"decoder_len: {window} exceeds the decoder's {limit} positions")
     fast = bool(fast_decode) and model.device.type == "cuda"
     if fast:
-        from pipeline.model import decode_ops
-        from pipeline.model.decode_packing import pack_for_decoding
-
-        pack_for_decoding(model)
-        model.decoder.set_attn_implementation(decode_ops.register_attention())
+        enable_fast_decode(model)
     return ServingModel(model, tok, str(p), chunk, window, fast)
+
+
+def enable_fast_decode(model: Any) -> None:
+    """The GPU decode path `cepe bench` measures: q/k/v and gate/up packed into one product each
+    (one-token products on the GEMV kernel) and the split-KV self-attention "cepe_decode"."""
+    from pipeline.model import decode_ops
+    from pipeline.model.decode_packing import pack_for_decoding
+
+    pack_for_decoding(model)
+    model.decoder.set_attn_implementation(decode_ops.register_attention())

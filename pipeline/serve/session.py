@@ -43,11 +43,11 @@ class Limits:
 
 
 class Session:
-    def __init__(self, serving: Any, limits: Limits, on_finished: Any = None):
+    def __init__(self, serving: Any, limits: Limits, on_finished: Any = None, eos_ids: Sequence[int] | None = None):
         self.serving, self.limits = serving, limits
         self.model, self.tokenizer = serving.model, serving.tokenizer
         self.engine = Engine(self.model, self.tokenizer, serving.chunk_len, serving.decoder_len,
-                             encoder_chunk_batch=limits.encoder_chunk_batch or None)
+                             encoder_chunk_batch=limits.encoder_chunk_batch or None, eos_ids=eos_ids)
         self.cache = DocumentCache(limits.cache_bytes, limits.cache_dir or None,
                                    model_key(self.model, serving.chunk_len), serving.device, serving.dtype)
         self.worker = Worker(self.engine, limits.max_batch, limits.max_queue, on_finished=on_finished)
@@ -114,10 +114,13 @@ class Session:
 
     def encode_document(self, doc_id: str, texts: Sequence[str], param: str, limit: int) -> Document:
         """Texts -> their chunks (each text chunked from its start) -> a Document (not cached)."""
+        return self.encode_tokens(doc_id, [self.text_ids(text) for text in texts], param, limit)
+
+    def encode_tokens(self, doc_id: str, parts: Sequence[Sequence[int]], param: str, limit: int) -> Document:
+        """Token id lists (each chunked from its start) -> a Document (not cached)."""
         chunks: list[list[int]] = []
         tokens = 0
-        for text in texts:
-            ids = self.text_ids(text)
+        for ids in parts:
             tokens += len(ids)
             if tokens > limit:
                 raise RequestError(f"{param}: more than {limit} tokens (serve.max_document_tokens / "
