@@ -153,6 +153,14 @@ def test_documents_round_trip_and_cache_hit_equals_cold(server, http, oai):
     assert not list((server["root"] / "cache").rglob(f"{doc['id']}*"))
 
 
+def test_the_readme_example_with_the_openai_client(oai):
+    doc = oai.post("/documents", body={"text": TEXT}, cast_to=object)["id"]
+    pieces = [c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model="cepe", messages=[{"role": "user", "content": "Who is Emma?"}], stream=True, max_tokens=8,
+        temperature=0, extra_body={"documents": [doc]})]
+    assert "".join(pieces)
+
+
 def test_passages_are_chunked_each_on_its_own(http):
     doc = http.post("/v1/documents", json={"passages": ["A short passage.", "Another one, also short."]}).json()
     assert doc["chunks"] == 2  # two passages under 16 tokens each: one chunk each
