@@ -202,6 +202,15 @@ def test_bad_completion_requests(http, body, status, param):
     assert _error(http.post("/v1/completions", json=body), status)["param"] == param
 
 
+def test_a_body_without_json_content_type_is_read_as_json(http):
+    # what `curl -d '{...}'` sends: application/x-www-form-urlencoded
+    r = http.post("/v1/completions", content=json.dumps({"prompt": "Hi", **GREEDY}),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+    _error(http.post("/v1/completions", content=b"garbage", headers={"content-type": "text/plain"}), 400)
+    _error(http.post("/v1/completions", json=[1, 2]), 400)
+
+
 def test_bad_bodies_and_routes(http):
     assert _error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
                   400)["code"] == "invalid_json"

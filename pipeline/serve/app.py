@@ -20,7 +20,10 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.errors import CepeError
 from pipeline.serve.engine import Decoding, Job, QueueFull, next_id
@@ -88,6 +91,20 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or None
+
+
+def invalid(exc: ValidationError) -> RequestError:
+    """pydantic's first complaint as a 400 naming the field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return RequestError(f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None,
+                            code="invalid_json")
+    param = _validation_param(tuple(first.get("loc", ())))
+    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    value = first.get("input")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        message += f" (got {json.dumps(value)[:80]})"
+    return RequestError(message, param, code="invalid_value")
 
 
 class BodyTooLarge(Exception):
@@ -180,11 +197,6 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 20) -> Any:
     """The ASGI app (FastAPI, wrapped in the body-size limit) serving `session`."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     app = FastAPI(title="cepe serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(session)
     session.worker.on_finished = metrics.finished
@@ -192,18 +204,6 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
 
     def refuse(status: int, body: dict[str, Any]) -> JSONResponse:
         return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return refuse(400, error_body(f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
-                                          code="invalid_json"))
-        param = _validation_param(tuple(first.get("loc", ())))
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        if "input" in first and not isinstance(first["input"], (dict, list)):
-            message += f" (got {json.dumps(first['input'])[:80]})"
-        return refuse(400, error_body(message, param=param, code="invalid_value"))
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, exc: RequestError) -> JSONResponse:
@@ -235,6 +235,14 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
         return response
 
     # ---------------------------------------------------------------- helpers
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        """The body as `model`, whatever the Content-Type says (curl -d sends a form type)."""
+        raw = await request.body()
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise invalid(exc) from None
+
     async def in_thread(fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
@@ -305,7 +313,8 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
 
     # ---------------------------------------------------------------- routes
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(request: Request) -> Any:
+        body = await parse(request, CompletionRequest)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise RequestError("prompt: expected one prompt (a string or a list of one)", "prompt")
@@ -330,7 +339,8 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
         return await run(job, body.stream, chunk, final)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(request: Request) -> Any:
+        body = await parse(request, ChatRequest)
         ids = session.chat_ids([m.model_dump() for m in body.messages])
         job = await prepare(body, ids, "messages")
         rid, created = next_id("chatcmpl"), int(time.time())
@@ -358,7 +368,8 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
         return await run(job, body.stream, chunk, final, first)
 
     @app.post("/v1/documents")
-    async def add_document(body: DocumentRequest) -> Any:
+    async def add_document(request: Request) -> Any:
+        body = await parse(request, DocumentRequest)
         doc, created = await in_thread(session.add_document, body.text, body.passages)
         out = doc.describe("memory")
         out["created"] = created
