@@ -197,3 +197,16 @@ def test_every_profile_has_every_key_of_the_hand_run_sections():
             assert set(params[section]) == {f.name for f in dataclasses.fields(cls)}, (profile.name, section)
             load_config(cls, section, profile)
     assert read_params(root / "params" / "cpu.yaml")["serve"]["host"] == "127.0.0.1"  # loopback by default
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_decode_on_gpu_gives_the_tokens_of_the_plain_path(model_dir, context_file):
+    """`cepe generate` on a GPU packs the decoder and uses the split-KV attention: same tokens."""
+    from pipeline.stages.generate import GenerateConfig, run
+
+    common = dict(model=str(model_dir), context=[str(context_file)], prompt="Who is Emma?", max_new_tokens=24,
+                  device="cuda", dtype="bfloat16")
+    fast = run(GenerateConfig(fast_decode=True, **common), out=Recorder())
+    plain = run(GenerateConfig(fast_decode=False, **common), out=Recorder())
+    assert len(fast["tokens"]) == 24 and fast["tokens"] == plain["tokens"]

@@ -197,6 +197,8 @@ def test_concurrent_clients_get_their_own_answers(server, http):
     ({"prompt": "hi", "context": "word " * 2100}, 413, "context[0]"),
     ({"prompt": "word " * 200, "max_tokens": 8}, 400, "prompt"),
     ({"prompt": "hi", "stop": ["\n"]}, 400, "stop"),
+    ({"prompt": "hi", "seed": 2**70, "temperature": 0.5}, 400, "seed"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
 ])
 def test_bad_completion_requests(http, body, status, param):
     assert _error(http.post("/v1/completions", json=body), status)["param"] == param
@@ -216,6 +218,10 @@ def test_bad_bodies_and_routes(http):
                   400)["code"] == "invalid_json"
     _error(http.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
     _error(http.post("/v1/chat/completions", json={"messages": []}), 400)
+    parts = {"role": "user", "content": [{"type": "text", "text": "Who is "}, {"type": "text", "text": "Emma?"}]}
+    joined = {"role": "user", "content": "Who is Emma?"}
+    answers = [http.post("/v1/chat/completions", json={"messages": [m], **GREEDY}).json() for m in (parts, joined)]
+    assert answers[0]["choices"] == answers[1]["choices"]  # content parts are joined text
     _error(http.post("/v1/documents", json={}), 400)
     _error(http.post("/v1/documents", json={"text": "a", "passages": ["b"]}), 400)
     _error(http.post("/v1/documents", json={"text": "word " * 1600}), 413)

@@ -47,7 +47,7 @@ class _Generation(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     documents: list[str] = Field(default_factory=list, max_length=256)
     context: str | list[str] | None = None
@@ -57,9 +57,18 @@ class CompletionRequest(_Generation):
     prompt: str | list[str]
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(_Generation):
@@ -341,7 +350,7 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = await parse(request, ChatRequest)
-        ids = session.chat_ids([m.model_dump() for m in body.messages])
+        ids = session.chat_ids([m.as_dict() for m in body.messages])
         job = await prepare(body, ids, "messages")
         rid, created = next_id("chatcmpl"), int(time.time())
 

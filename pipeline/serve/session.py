@@ -129,7 +129,10 @@ class Session:
         if not tokens:
             raise RequestError(f"{param}: the document has no tokens", param)
         hidden = self.serving.encoder_hidden_size
-        self.cache.check_fits(tokens * hidden * torch.finfo(self.serving.dtype).bits // 8)
+        try:
+            self.cache.check_fits(tokens * hidden * torch.finfo(self.serving.dtype).bits // 8)
+        except CepeError as exc:
+            raise RequestError(str(exc), param, status=413, code="context_length_exceeded") from None
         states = self.engine.encode_chunks(chunks)
         return Document(doc_id, states, tokens, len(chunks))
 
