@@ -230,3 +230,53 @@ def test_bad_bodies_and_routes(http):
     assert _error(http.get("/v1/documents/doc-..passwd"), 404)["code"] == "document_not_found"
     _error(http.get("/v1/nothing"), 404)
     assert http.get("/health").json()["status"] == "ok"  # none of it hurt the server
+
+
+def test_document_cache_is_a_byte_bounded_lru_with_files_of_its_model_only(tmp_path):
+    from pipeline.errors import CepeError
+    from pipeline.serve.documents import Document, DocumentCache, document_id
+
+    cache = DocumentCache(3 * 400, str(tmp_path), "model-a", torch.device("cpu"), torch.float32)
+    docs = [Document(document_id("text", str(i)), torch.full((10, 10), float(i)), 10, 1) for i in range(4)]
+    for doc in docs[:3]:
+        cache.put(doc, write=False)
+    cache.get(docs[0].id)  # most recent now: docs[1] is the least recently used
+    cache.put(docs[3])
+    assert cache.bytes <= 1200 and len(cache) == 3 and cache.evictions == 1
+    assert cache.get(docs[1].id)[0] is None and cache.get(docs[0].id)[1] == "memory"
+    with pytest.raises(CepeError, match="more than the cache"):
+        cache.put(Document("doc-" + "0" * 32, torch.zeros(40, 10), 40, 1))
+    # docs[3] was written: another cache of the same model reads it back, another model does not
+    assert torch.equal(DocumentCache(10**6, str(tmp_path), "model-a", torch.device("cpu"),
+                                     torch.float32).get(docs[3].id)[0].states, docs[3].states)
+    assert DocumentCache(10**6, str(tmp_path), "model-b", torch.device("cpu"), torch.float32).get(docs[3].id)[0] is None
+    damaged = tmp_path / "model-a" / f"{docs[3].id}.safetensors"
+    damaged.write_bytes(b"\x00" * 64)
+    assert DocumentCache(10**6, str(tmp_path), "model-a", torch.device("cpu"), torch.float32).get(docs[3].id)[0] is None
+
+
+def test_worker_batches_compatible_jobs_and_refuses_past_its_queue():
+    from pipeline.serve.engine import Decoding, Job, QueueFull, Worker
+
+    gate = threading.Event()
+    seen = []
+
+    class Engine:
+        def run_batch(self, jobs):
+            gate.wait(10)
+            seen.append([j.max_new_tokens for j in jobs])
+
+    worker = Worker(Engine(), max_batch=2, max_queue=3)
+    try:
+        first = worker.submit(Job([1], None, 0))  # taken at once, blocks in the engine
+        time.sleep(0.2)
+        sampled = Job([1], None, 9, Decoding(do_sample=True))
+        worker.submit_many([Job([1], None, 1), sampled, Job([1], None, 2)])
+        with pytest.raises(QueueFull):
+            worker.submit(Job([1], None, 3))
+        gate.set()
+        for job in (first, sampled):
+            assert job.done.wait(10)
+    finally:
+        worker.close()
+    assert seen == [[0], [1, 2], [9]]  # greedy jobs together, the sampled one on its own
