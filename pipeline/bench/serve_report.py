@@ -39,6 +39,13 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def _state(result: dict[str, Any] | None) -> str | None:
     if not result:
         return "not run"
@@ -78,7 +85,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     mem = res.get("memory")
     if mem and not _state(mem):
         lines.append(f"| cached document's states / its KV cache (target <= 1/200) | "
-                     f"{mem['document_state_bytes'] / 1e6:.1f} MB / {mem['kv_cache_bytes'] / 1e9:.2f} GB = "
+                     f"{_size(mem['document_state_bytes'])} / {_size(mem['kv_cache_bytes'])} = "
                      f"1/{_f(h['kv_over_state'])} |")
         if mem.get("documents_fit") is not None:
             lines.append(f"| documents of this size the free memory holds ({_f(mem['free_gb'])} GB free beside "
