@@ -110,6 +110,20 @@ def test_chat_completion_streams_with_the_chat_template(oai):
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_stop_sequences_end_the_text_before_them(http):
+    body = {"prompt": "Once upon a time", "temperature": 0, "max_tokens": 24}
+    full = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    words = full.split()
+    stop = words[len(words) // 2]
+    expected = full[: full.find(stop)]
+    out = http.post("/v1/completions", json={**body, "stop": [stop, "never-there"]}).json()
+    assert out["choices"][0]["text"] == expected and out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < 24
+    with http.stream("POST", "/v1/completions", json={**body, "stop": stop, "stream": True}) as r:
+        events = [e[len("data: "):] for e in "".join(r.iter_text()).split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events) == expected
+
+
 def test_sse_wire_format(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "Hello", "stream": True, **GREEDY}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -196,7 +210,8 @@ def test_concurrent_clients_get_their_own_answers(server, http):
     ({"prompt": "hi", "documents": "doc-0000"}, 400, "documents"),
     ({"prompt": "hi", "context": "word " * 2100}, 413, "context[0]"),
     ({"prompt": "word " * 200, "max_tokens": 8}, 400, "prompt"),
-    ({"prompt": "hi", "stop": ["\n"]}, 400, "stop"),
+    ({"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "hi", "seed": 2**70, "temperature": 0.5}, 400, "seed"),
     ({"prompt": "hi", "n": 2}, 400, "n"),
 ])

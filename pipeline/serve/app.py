@@ -48,7 +48,7 @@ class _Generation(_Body):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # at most 4 non-empty sequences, as OpenAI's API
     documents: list[str] = Field(default_factory=list, max_length=256)
     context: str | list[str] | None = None
 
@@ -255,9 +255,13 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
     async def in_thread(fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
+    def stops(body: _Generation) -> list[str]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise RequestError("stop: expected at most 4 non-empty strings", "stop")
+        return stop
+
     def decoding(body: _Generation) -> Decoding:
-        if body.stop is not None:
-            raise RequestError("stop: stop sequences are not supported by this server", "stop", code="unsupported")
         if body.temperature == 0:
             return Decoding()
         return Decoding(do_sample=True, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
@@ -271,8 +275,9 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
         requested = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         max_new = session.max_new_tokens(requested)
         session.check_window(ids, max_new, param)
+        stop, how = stops(body), decoding(body)
         context = await in_thread(session.context, body.documents, inline(body))
-        return session.job(ids, context, max_new, decoding(body))
+        return session.job(ids, context, max_new, how, stop=stop)
 
     async def run(job: Job, stream: bool, chunk: Any, final: Any, first: Any = None) -> Any:
         """Submit `job`; answer with the whole result, or as server-sent events if streaming."""
@@ -294,7 +299,7 @@ def create_app(session: Session, model_name: str, max_request_bytes: int = 8 << 
                 raise
             if job.error is not None:
                 raise job.error
-            return JSONResponse(final(job, session.decode(job.tokens)))
+            return JSONResponse(final(job, session.text(job)))
 
         async def sse() -> Any:
             try:

@@ -57,6 +57,7 @@ class Job:
     decoding: Decoding = Decoding()
     on_token: Callable[[int], None] | None = None
     on_text: Callable[[str], None] | None = None
+    stop: tuple[str, ...] = ()  # stop sequences: generation ends where the text first contains one
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end of sequence) or "length"
     error: BaseException | None = None
@@ -67,6 +68,12 @@ class Job:
     finished: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _text: Any = None  # the TextSink of this job (when on_text is set)
+    _stop_filter: Any = None
+
+    def final_text(self, text: str) -> str:
+        """The generated text cut before the first stop sequence (OpenAI's `stop`)."""
+        cut = [text.find(s) for s in self.stop if s and s in text]
+        return text[: min(cut)] if cut else text
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -88,6 +95,35 @@ def _text_sink(tokenizer: Any, emit: Callable[[str], None]) -> Any:
     return TextSink(tokenizer, skip_prompt=False, skip_special_tokens=True)
 
 
+class _StopFilter:
+    """Passes streamed text on, holding back the last characters that could begin a stop
+    sequence, and nothing from the first stop sequence on."""
+
+    def __init__(self, emit: Callable[[str], None], stop: Sequence[str]):
+        self.emit, self.stop = emit, [s for s in stop if s]
+        self.hold = max(len(s) for s in self.stop) - 1
+        self.buffer, self.stopped = "", False
+
+    def __call__(self, text: str) -> None:
+        if self.stopped:
+            return
+        self.buffer += text
+        cut = [self.buffer.find(s) for s in self.stop if s in self.buffer]
+        if cut:
+            self.stopped = True
+            out, self.buffer = self.buffer[: min(cut)], ""
+        else:
+            keep = len(self.buffer) - self.hold
+            out, self.buffer = self.buffer[:keep], self.buffer[keep:]
+        if out:
+            self.emit(out)
+
+    def end(self) -> None:
+        if not self.stopped and self.buffer:
+            self.emit(self.buffer)
+        self.buffer = ""
+
+
 class _Rows:
     """Streamer (transformers' `put`/`end` protocol) and per-row stopping criterion of a batch.
 
@@ -96,8 +132,8 @@ class _Rows:
     is the stopping criterion: a (B,) bool, True where the row is finished.
     """
 
-    def __init__(self, jobs: Sequence[Job], eos: set[int]):
-        self.jobs, self.eos = list(jobs), eos
+    def __init__(self, jobs: Sequence[Job], eos: set[int], tokenizer: Any = None):
+        self.jobs, self.eos, self.tokenizer = list(jobs), eos, tokenizer
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -121,6 +157,11 @@ class _Rows:
                 job.on_token(int(token))
             if job._text is not None:
                 job._text.put(torch.tensor([int(token)]))
+            if job.stop and self.tokenizer is not None:
+                text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+                if job.final_text(text) != text:
+                    job.finish_reason = "stop"
+                    continue
             if len(job.tokens) >= job.max_new_tokens:
                 job.finish_reason = "length"
 
@@ -205,7 +246,10 @@ class Engine:
         for job in jobs:
             job.started = now
             if job.on_text is not None and self.tokenizer is not None:
-                job._text = _text_sink(self.tokenizer, job.on_text)
+                emit = job.on_text
+                if job.stop:
+                    job._stop_filter = emit = _StopFilter(job.on_text, job.stop)
+                job._text = _text_sink(self.tokenizer, emit)
         width = max(len(job.input_ids) for job in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -213,7 +257,7 @@ class Engine:
             ids[b, width - len(job.input_ids):] = torch.tensor(job.input_ids, dtype=torch.long)
             mask[b, width - len(job.input_ids):] = 1
         decoding = jobs[0].decoding
-        rows = _Rows(jobs, set(self.eos))
+        rows = _Rows(jobs, set(self.eos), self.tokenizer)
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(device), attention_mask=mask.to(device),
             max_new_tokens=max(job.max_new_tokens for job in jobs), num_beams=1, do_sample=decoding.do_sample,
@@ -236,6 +280,8 @@ class Engine:
             for job in jobs:
                 if job._text is not None:
                     job._text.end()
+                if job._stop_filter is not None:
+                    job._stop_filter.end()
                 if job.finish_reason is None:
                     job.finish_reason = "length"
                 job.finished = end

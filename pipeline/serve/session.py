@@ -162,8 +162,10 @@ class Session:
 
     # -------------------------------------------------------------- generation
     def job(self, input_ids: list[int], context: torch.Tensor | None, max_new: int, decoding: Decoding,
-            on_text: Any = None) -> Job:
-        return Job(input_ids=input_ids, context=context, max_new_tokens=max_new, decoding=decoding, on_text=on_text)
+            on_text: Any = None, stop: Sequence[str] = ()) -> Job:
+        return Job(input_ids=input_ids, context=context, max_new_tokens=max_new, decoding=decoding, on_text=on_text,
+                   stop=tuple(stop))
 
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+    def text(self, job: Job) -> str:
+        """A finished job's text, cut before its first stop sequence."""
+        return job.final_text(self.tokenizer.decode(list(job.tokens), skip_special_tokens=True))
