@@ -9,6 +9,7 @@ hash differs from the recorded one, a directory that is not a CEPE model.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def load_serving_model(path: str, *, tokenizer: str = "", device: str = "auto", 
         model.check_chunk_len(chunk_len)
     chunk = int(chunk_len or trained or DEFAULT_CHUNK_LEN)
     if not trained:
-        print(f"note: {p} records no training chunk length; encoding context in {chunk}-token chunks", flush=True)
+        print(f"note: {p} records no training chunk length; encoding context in {chunk}-token chunks",
+              file=sys.stderr, flush=True)  # stdout is the answer of `cepe generate`
     limit = max_positions(model)
     window = int(decoder_len or values.get("decoder_len") or min(2048, limit or 2048))
     if limit and window > limit:
