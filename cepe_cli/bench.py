@@ -9,6 +9,7 @@ import click
 
 from cepe_cli.options import config_options
 from pipeline.stages.bench import BenchConfig
+from pipeline.stages.bench_serve import BenchServeConfig
 
 
 def _split_commas(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -39,3 +40,16 @@ def command_bench(config: BenchConfig) -> None:
 
     report = run(config)
     click.echo(f"wrote {config.output_dir}/bench.json and bench.md ({'complete' if report.get('complete') else 'incomplete'})")
+
+
+@click.command("bench-serve")
+@_split_commas("clients")
+@config_options(BenchServeConfig, "bench_serve")
+def command_bench_serve(config: BenchServeConfig) -> None:
+    """Serving benchmark through `cepe serve`'s engine: time to first token about a cached
+    document against full attention's prefill, a cold document, memory per cached document,
+    tokens/s with concurrent clients; writes serve.json and serve.md into --output-dir."""
+    from pipeline.stages.bench_serve import run
+
+    report = run(config)
+    click.echo(f"wrote {config.output_dir}/serve.json and serve.md ({'complete' if report.get('complete') else 'incomplete'})")

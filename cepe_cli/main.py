@@ -26,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("cepe_cli.distill", "CEPED: CE + KL(teacher || student) distillation."),
     "evaluate": ("cepe_cli.evaluate", "Evaluate a model: ppl, longbench, zeroscrolls, ruler."),
     "plots": ("cepe_cli.plots", "PNG/SVG figures of training and evaluation runs (offline)."),
+    "generate": ("cepe_cli.generate", "Generate from a trained CEPE model with long context, streamed."),
+    "serve": ("cepe_cli.serve", "OpenAI-compatible HTTP server with documents encoded once."),
     "bench": ("cepe_cli.bench", "Memory and speed of CEPE against full attention."),
+    "bench-serve": ("cepe_cli.bench", "Serving benchmark: cached documents, time to first token, throughput."),
     "convert-decoder": ("cepe_cli.convert", "Convert a decoder (e.g. the packaged SmolLM2 GGUF) to safetensors."),
     "use-profile": ("cepe_cli.profiles", "Switch params.yaml to a profile: cpu, tiny, gpu, paper."),
 }

@@ -61,6 +61,15 @@ class CepeConfig(PretrainedConfig):
         save_decoder: whether `save_pretrained` writes the decoder's weights too.
         train_encoder: whether the encoder's parameters are trainable (the decoder never is).
         encoder_chunk_batch_size: encode at most this many chunks per encoder forward.
+        chunk_len: the encoder chunk length the model was trained with (None: not recorded).
+            Generation refuses context chunked otherwise (`check_chunk_len`): a chunk's states
+            depend on its length, and a model trained on 256-token chunks reads 512-token ones
+            silently worse.
+        decoder_len: the decoder window it was trained with (None: not recorded); what
+            `cepe generate` / `cepe serve` give the decoder by default.
+        tokenizer_record: the tokenizer its training windows were made with, as shard manifests
+            record it (`name`, `sha256` of its serialization, `vocab_size`); the saved directory
+            holds that tokenizer, and loaders compare its hash.
     """
 
     model_type = "cepe"
@@ -78,6 +87,9 @@ class CepeConfig(PretrainedConfig):
         save_decoder: bool = True,
         train_encoder: bool = True,
         encoder_chunk_batch_size: int | None = None,
+        chunk_len: int | None = None,
+        decoder_len: int | None = None,
+        tokenizer_record: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         if isinstance(decoder_config, dict):
@@ -100,6 +112,9 @@ class CepeConfig(PretrainedConfig):
         self.save_decoder = save_decoder
         self.train_encoder = train_encoder
         self.encoder_chunk_batch_size = encoder_chunk_batch_size
+        self.chunk_len = chunk_len
+        self.decoder_len = decoder_len
+        self.tokenizer_record = tokenizer_record
         if decoder_config is not None:
             kwargs.setdefault("tie_word_embeddings", getattr(decoder_config, "tie_word_embeddings", False))
             for name in ("bos_token_id", "eos_token_id", "pad_token_id", "vocab_size"):
@@ -464,6 +479,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
         """
         enc_ids = kwargs.pop("encoder_input_ids", None)
         enc_mask = kwargs.pop("encoder_attention_mask", None)
+        if enc_ids is not None:
+            self.check_chunk_len(int(enc_ids.shape[-1]))
         if enc_ids is not None and kwargs.get("encoder_hidden_states") is None:
             kwargs["encoder_hidden_states"], kwargs["encoder_padding_mask"] = self.encode(enc_ids, enc_mask)
         mask = kwargs.get("encoder_padding_mask")
@@ -471,10 +488,40 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["encoder_padding_mask"] = None  # nothing to mask: no per-step mask handling
         return super().generate(inputs, **kwargs)
 
+    # -------------------------------------------------------------- training geometry
+    def record_training_geometry(self, chunk_len: int | None, decoder_len: int | None,
+                                 tokenizer_record: dict[str, Any] | None) -> None:
+        """Record what the model was trained with (saved in config.json by `save_pretrained`)."""
+        self.config.chunk_len = int(chunk_len) if chunk_len else None
+        self.config.decoder_len = int(decoder_len) if decoder_len else None
+        if tokenizer_record:
+            keep = ("name", "sha256", "vocab_size")
+            self.config.tokenizer_record = {k: tokenizer_record.get(k) for k in keep}
+
+    def check_chunk_len(self, chunk_len: int) -> None:
+        """Refuse context chunks of another length than the model was trained with.
+
+        Raises:
+            CepeError: naming both lengths (only when the config records one).
+        """
+        trained = getattr(self.config, "chunk_len", None)
+        if trained and int(chunk_len) != int(trained):
+            from pipeline.errors import CepeError
+
+            where = getattr(self.config, "_name_or_path", "") or "this model"
+            raise CepeError(f"chunk_len: context chunks of {chunk_len} tokens, but {where} was trained with "
+                            f"{trained}-token chunks (config.json chunk_len); chunk the context by {trained}")
+
     # -------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, tokenizer: Any = None,
+                        **kwargs: Any) -> None:
         """`save_pretrained`, leaving out the decoder's own weights when `config.save_decoder` is
-        False (the config then records `decoder_name_or_path` to reload them from)."""
+        False (the config then records `decoder_name_or_path` to reload them from).
+
+        `tokenizer`, when given, is saved into the same directory, so that the directory stands
+        alone (`AutoTokenizer.from_pretrained(save_directory)`); `record_training_geometry`
+        records its identity.
+        """
         if not self.config.save_decoder:
             if not self.config.decoder_name_or_path:
                 raise ValueError("save_decoder=False needs config.decoder_name_or_path to reload the decoder from")
@@ -483,6 +530,8 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
                 k: v for k, v in state.items() if not k.startswith("decoder.") or ".cross_attn." in k
             }
         super().save_pretrained(save_directory, *args, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *args: Any, **kwargs: Any):

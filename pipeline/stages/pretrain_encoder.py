@@ -98,6 +98,7 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
 
 def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, Any]:
     """Pretrain the encoder; writes `<output>/model`, metrics.json, steps.tsv, checkpoints/."""
+    from pipeline.stages.model_output import model_saver
     from pipeline.train.collate import MlmCollator, manifest_value, open_shards
     from pipeline.train.loop import TrainTask, process_state, run_training
     from pipeline.train.losses import eval_mlm_nll, mlm_loss
@@ -129,6 +130,7 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     # Validation masks are fixed: the same seeded collator on the held-out windows every time.
     task = TrainTask(model=model, train_data=train, collate=collate, compute_loss=mlm_loss,
                      val_data=val, val_collate=collate, eval_nll=eval_mlm_nll,
+                     save_model=model_saver(train, config.data),
                      extra_metrics={"stage": "pretrain-encoder", "init": config.init,
                                     "encoder_params": sum(p.numel() for p in model.model.parameters())})
     return run_training(task, config, resume=resume)

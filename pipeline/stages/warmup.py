@@ -208,9 +208,15 @@ def build_model(config: WarmupConfig):
     return model
 
 
+def _first(data: Any) -> str:
+    return str(data[0] if isinstance(data, (list, tuple)) and data else data)
+
+
 def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context_masking: Any = None,
             stage: str) -> Any:
-    """The loop task of an LM stage (warm-up and main training share it)."""
+    """The loop task of an LM stage (warm-up and main training share it); its `model/` holds the
+    data's tokenizer and records the chunk length and window trained with (model_output.py)."""
+    from pipeline.stages.model_output import model_saver
     from pipeline.train.collate import LmCollator, manifest_value
     from pipeline.train.loop import TrainTask
     from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
@@ -221,7 +227,7 @@ def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context
     return TrainTask(
         model=model, train_data=train, collate=LmCollator(context_masking=context_masking),
         compute_loss=causal_lm_loss, val_data=val, val_collate=LmCollator(eval_last=last),
-        eval_nll=eval_last_tokens_nll,
+        eval_nll=eval_last_tokens_nll, save_model=model_saver(train, _first(getattr(config, "data", "data"))),
         extra_metrics={"stage": stage, "eval_last_tokens": last, "decoder_len": window,
                        **{f"params_{k}": v for k, v in counts.items()}})
 
