@@ -344,6 +344,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, options: LoopOptions):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=options.max_steps)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints)."""
+    # transformers >= 5.2x renamed it activation_checkpointing_enable (old name deprecated)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError("gradient_checkpointing: this model does not support it")
+
+
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast frozen floating-point parameters only; trainable ones stay fp32 master weights."""
     for p in model.parameters():
@@ -530,13 +541,7 @@ class _Trainer:
         if resume_from is not None:
             self._load_weights(resume_from)
         if o.gradient_checkpointing:
-            # transformers >= 5.2x renamed it activation_checkpointing_enable (old name deprecated)
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            elif hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                raise ConfigError("gradient_checkpointing: this model does not support it")
+            enable_gradient_checkpointing(model)
         model.train()
         model.to(acc.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
