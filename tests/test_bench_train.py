@@ -140,6 +140,41 @@ def test_checkpointing_keeps_the_loss_and_the_gradients(stage_name):
             torch.testing.assert_close(grad, base_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_lean_norms_keep_loss_and_gradients_and_keep_fewer_tensors():
+    """The norms recomputed in the backward pass (cross_attention.lean_norm): bitwise the same loss
+    and gradients under bf16 autocast with bf16 frozen weights (as the stages train), fewer bytes
+    kept for the backward pass."""
+    from pipeline.model import cross_attention
+    from pipeline.train.loop import _cast_frozen
+    from pipeline.train.losses import causal_lm_loss
+
+    ids = torch.randint(3, 128, (2, 32))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, encoder_input_ids=torch.randint(3, 128, (2, 4, 8)))
+    results = {}
+    try:
+        for lean in (False, True):
+            cross_attention.LEAN_NORMS = lean
+            model = tiny_cepe(init_mode="copy").train()
+            _cast_frozen(model, torch.bfloat16)
+            kept = [0]
+
+            def pack(t):
+                kept[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, _ = causal_lm_loss(model, batch)
+            loss.backward()
+            results[lean] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept[0])
+    finally:
+        cross_attention.LEAN_NORMS = True
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    assert kept_b < kept_a
+
+
 def test_train_step_updates_trainable_weights_as_the_loop_does(tmp_path):
     """One bench step = one loop step (grad_accum 1) on the same batch: same loss, same weights after."""
     from pipeline.bench.train_step import StageTask, TrainStep
@@ -188,8 +223,10 @@ def test_cli_train_mode_writes_a_well_formed_report(tmp_path, monkeypatch):
     assert set(report["stages"]) == {"warmup", "main", "ceped_online", "ceped_precomputed"}
     assert report["stages"]["ceped_online"]["teacher_tokens"] == 64
     cells = report["cells"]
-    assert [(c["stage"], c["checkpointing"]) for c in cells] == [
-        (s, "all") for s in ("warmup", "main", "ceped_online", "ceped_precomputed")]
+    assert [(c["stage"], c["checkpointing"], c["lean_norms"]) for c in cells] == [
+        (s, "all", True) for s in ("warmup", "main", "ceped_online", "ceped_precomputed")] + [("main", "all", False)]
+    assert set(report["speed_fixes"]) == {"checkpointing", "on", "off"}  # the baseline cell, compared
+    cells = cells[:-1]
     for cell in cells:
         assert cell["micro_batch"] == 2 and set(cell["tried"]) == {"1", "2"}
         times = cell["times_s"]

@@ -31,11 +31,20 @@ def _usable(cell: dict[str, Any]) -> bool:
     return cell.get("mfu") is not None or (bool(cell.get("micro_batch")) and "micro_step_s" in cell)
 
 
+def _baseline(cell: dict[str, Any]) -> bool:
+    """A cell measured with the training-path speed fixes off (compared, never the result)."""
+    return cell.get("lean_norms") is False
+
+
+def _label(cell: dict[str, Any]) -> str:
+    return LABELS.get(cell["stage"], cell["stage"]) + (" (speed fixes off)" if _baseline(cell) else "")
+
+
 def best_cells(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per stage, the measured cell with the highest decoder tokens/s."""
     best: dict[str, dict[str, Any]] = {}
     for cell in report.get("cells", []):
-        if not _usable(cell):
+        if not _usable(cell) or _baseline(cell):
             continue
         stage = cell["stage"]
         if stage not in best or cell["decoder_tokens_per_s"] > best[stage]["decoder_tokens_per_s"]:
@@ -76,7 +85,7 @@ def targets(report: dict[str, Any], best: dict[str, dict[str, Any]]) -> list[dic
     stage = report.get("stages", {}).get("main")
     if stage and (stage["decoder_tokens"], stage["n_chunks"], stage["chunk_len"]) == MAIN_TARGET_SHAPE:
         fitting = [c for c in report.get("cells", []) if c.get("stage") == "main" and _usable(c)
-                   and c.get("peak_gb") is not None]
+                   and not _baseline(c) and c.get("peak_gb") is not None]
         peak = min((c["peak_gb"] for c in fitting), default=None)
         rows.append({"target": f"main stage (4096 + 16 x 256 tokens) fits in {MEMORY_TARGET_GB:.0f} GB at micro-batch >= 1",
                      "measured": peak, "unit": "GB (lowest peak)", "met": peak is not None and peak <= MEMORY_TARGET_GB})
@@ -96,7 +105,24 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
                       for stage, cell in best.items()}
     report["recipe"] = recipe_cost(report, best)
     report["targets"] = targets(report, best)
+    report["speed_fixes"] = speed_fixes(report)
     return report
+
+
+def speed_fixes(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The main stage with and without the training-path speed fixes, same checkpointing mode."""
+    cells = report.get("cells", [])
+    off = next((c for c in cells if _baseline(c) and c["stage"] == "main"), None)
+    on = next((c for c in cells if c["stage"] == "main" and not _baseline(c) and not c.get("compiled")
+               and off is not None and c["checkpointing"] == off["checkpointing"]), None)
+    if off is None or on is None:
+        return None
+    out: dict[str, Any] = {"checkpointing": off["checkpointing"]}
+    for name, cell in (("on", on), ("off", off)):
+        out[name] = {k: cell.get(k) for k in ("micro_batch", "peak_gb", "micro_step_s", "decoder_tokens_per_s", "mfu")}
+        first = cell.get("tried", {}).get("1")
+        out[name]["peak_at_1_gb"] = first.get("peak_gb") if isinstance(first, dict) else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +186,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in report.get("cells", []):
-        head = f"| {LABELS.get(cell['stage'], cell['stage'])} | {cell['checkpointing']} | {'yes' if cell.get('compiled') else 'no'} |"
+        head = f"| {_label(cell)} | {cell['checkpointing']} | {'yes' if cell.get('compiled') else 'no'} |"
         if cell.get("skipped"):
             lines.append(head + f" skipped ({cell['skipped']}) |" + " |" * 13)
             continue
@@ -181,8 +207,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "tried" not in cell:
             continue
         tried = ", ".join(f"{b}: {v if isinstance(v, str) else _f(v.get('peak_gb'), 4) or 'fits'}" for b, v in cell["tried"].items())
-        lines.append(f"| {LABELS.get(cell['stage'], cell['stage'])} | {cell['checkpointing']} | "
-                     f"{'yes' if cell.get('compiled') else 'no'} | {tried} |")
+        lines.append(f"| {_label(cell)} | {cell['checkpointing']} | {'yes' if cell.get('compiled') else 'no'} | {tried} |")
     recipe = report.get("recipe", {})
     gpus = [str(n) for n in cfg.get("recipe_gpus", [1, 8])]
     lines += ["", "## The paper's recipe at the measured single-GPU rate", "",
@@ -197,6 +222,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"micro-batch {src['micro_batch']}, checkpointing {src['checkpointing']}{', compiled' if src['compiled'] else ''} | "
             + " | ".join(_f(r["hours"].get(n), 4) for n in gpus) + f" | {_f(r['gpu_hours'], 5)} | {r.get('paper', '–')} |"
         )
+    fixes = report.get("speed_fixes")
+    if fixes:
+        lines += ["", f"## Training-path speed fixes (main stage, checkpointing {fixes['checkpointing']})", "",
+                  "The frozen decoder's norms (and the cross-attention's) recomputed in the backward pass instead of "
+                  "keeping their fp32 intermediates (pipeline/model/cross_attention.py `lean_norm`; same loss and gradients).", "",
+                  "| speed fixes | micro-batch | peak at micro-batch 1 (GB) | peak (GB) | micro-step (s) | decoder tokens/s | MFU |",
+                  "|---|---|---|---|---|---|---|"]
+        for name in ("on", "off"):
+            r = fixes[name]
+            lines.append(f"| {name} | {r['micro_batch']} | {_f(r['peak_at_1_gb'], 4)} | {_f(r['peak_gb'], 4)} | "
+                         f"{_f(r['micro_step_s'], 4)} | {_f(r['decoder_tokens_per_s'], 4)} | {_f(r['mfu'], 3)} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for row in report.get("targets", []):
         lines.append(f"| {row['target']} | {_f(row['measured'], 4)} {row['unit']} | {'yes' if row['met'] else 'no'} |")

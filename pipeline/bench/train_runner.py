@@ -114,7 +114,7 @@ class TrainBench:
                     break
             for stage in self.stages.values():
                 for mode in cfg.checkpointing:
-                    key = {"stage": stage.name, "checkpointing": mode, "compiled": compiled}
+                    key = {"stage": stage.name, "checkpointing": mode, "compiled": compiled, "lean_norms": True}
                     if self.over_budget():
                         cell = {**key, "skipped": "time budget"}
                     else:
@@ -122,6 +122,8 @@ class TrainBench:
                     self.report["cells"].append(cell)
                     self.say(f"{stage.name} checkpointing={mode} compiled={compiled}: {_brief(cell)}")
                     self.save()
+        if cfg.baseline and "main" in self.stages and not self.over_budget():
+            self._baseline(model, step)
         if cfg.profile and not self.over_budget():
             self._profile(model, step)
         del model, step
@@ -243,6 +245,22 @@ class TrainBench:
             "mfu": _round(achieved / peak, 4) if peak else None,
             "hfu": _round((flops["total"] + flops["recompute"]) / micro_s / 1e12 / peak, 4) if peak else None,
         }
+
+    def _baseline(self, model: Any, step: TrainStep) -> None:
+        """The main stage's first checkpointing mode again with the model's training-path speed
+        fixes off (`cross_attention.LEAN_NORMS`): what they gained, in memory and time."""
+        from pipeline.model import cross_attention
+
+        mode = self.config.checkpointing[0]
+        key = {"stage": "main", "checkpointing": mode, "compiled": False, "lean_norms": False}
+        cross_attention.LEAN_NORMS = False
+        try:
+            cell = {**key, **self._cell(model, step, self.stages["main"], mode)}
+        finally:
+            cross_attention.LEAN_NORMS = True
+        self.report["cells"].append(cell)
+        self.say(f"main checkpointing={mode}, lean norms off: {_brief(cell)}")
+        self.save()
 
     # ------------------------------------------------------------------ profile
     def _profile(self, model: Any, step: TrainStep) -> None:

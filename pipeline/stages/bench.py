@@ -129,6 +129,7 @@ class BenchTrainConfig:
     recipe_main_steps: int = field(20000, help="The recipe's main-stage steps")
     recipe_ceped_steps: int = field(20000, help="The recipe's CEPED steps")
     recipe_gpus: list[int] = field(default_factory=lambda: [1, 8], help="GPU counts the recipe's wall-clock is estimated for")
+    baseline: bool = field(True, help="Also measure the main stage (first checkpointing mode) with the training-path speed fixes off (cross_attention.LEAN_NORMS)")
     profile: bool = field(False, help="Write a torch.profiler table of one step of the cell with the best MFU (profile_train_<stage>.txt)")
     time_budget_s: float = field(270.0, help="Start no new measurement after this many seconds (0 = no limit); skipped cells are marked")
     seed: int = field(0, help="Seed of the synthetic token ids")
