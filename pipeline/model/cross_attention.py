@@ -38,10 +38,11 @@ def lean_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """`norm(hidden_states)`; while training, recomputed in the backward pass instead of keeping
     its intermediates.
 
-    A Llama-family RMSNorm computes in fp32 and keeps two fp32 copies of its input for the backward
-    pass (and, with a trainable weight, its normalised output): at 4096 x 4096 that is 128-160 MB
-    per norm, about 10 GB over LLaMA-2-7B's 96 norms inside CEPE layers, where the norm's own bf16
-    input is 32 MB. The recomputation runs the same module forward on the same input under the
+    A Llama-family RMSNorm computes in fp32 and keeps an fp32 copy of its bf16 input for the
+    backward pass (and, with a trainable weight, its bf16 normalised output too): at 4096 tokens x
+    4096 that is 64 MB per frozen norm and 96 MB for the cross-attention's, where the bf16 input
+    kept instead is 32 MB: 128 MB per CEPE layer, about 4 GB over LLaMA-2-7B's 32 layers at one
+    4096-token sequence. The recomputation runs the same module forward on the same input under the
     same autocast state: the loss and every gradient are unchanged (tests/test_model.py); the cost
     is a few elementwise kernels per norm. Outside training (or without gradients) it is the plain
     call. `LEAN_NORMS = False` turns it off.
