@@ -70,5 +70,9 @@ def command_bench_train(config: BenchTrainConfig) -> None:
     from pipeline.stages.bench import run_train
 
     report = run_train(config)
+    if config.scaling:
+        click.echo(f"{report['strategy']} x {report['processes']}: {report['decoder_tokens_per_s']} decoder tokens/s "
+                   f"(row of {config.output_dir}/scaling.json and scaling.md)")
+        return
     click.echo(f"wrote {config.output_dir}/bench_train.json and bench_train.md "
                f"({'complete' if report.get('complete') else 'incomplete'})")

@@ -129,6 +129,9 @@ class BenchTrainConfig:
     recipe_main_steps: int = field(20000, help="The recipe's main-stage steps")
     recipe_ceped_steps: int = field(20000, help="The recipe's CEPED steps")
     recipe_gpus: list[int] = field(default_factory=lambda: [1, 8], help="GPU counts the recipe's wall-clock is estimated for")
+    scaling: bool = field(False, help="Scaling mode, run under `accelerate launch` (docs/accelerate/): the main stage's step on every process with the launch's DDP or FSDP, at scaling_micro_batch; adds a row to scaling.json / scaling.md")
+    scaling_micro_batch: int = field(1, help="Scaling mode: sequences per process per step")
+    scaling_steps: int = field(5, help="Scaling mode: timed steps (after one untimed)")
     baseline: bool = field(True, help="Also measure the main stage (first checkpointing mode) with the training-path speed fixes off (cross_attention.LEAN_NORMS)")
     profile: bool = field(False, help="Write a torch.profiler table of one step of the cell with the best MFU (profile_train_<stage>.txt)")
     time_budget_s: float = field(270.0, help="Start no new measurement after this many seconds (0 = no limit); skipped cells are marked")
@@ -144,7 +147,7 @@ class BenchTrainConfig:
             raise ConfigError(f"checkpointing: expected distinct values among {', '.join(CHECKPOINTING)}, got {self.checkpointing}")
         for name in ("warmup_decoder_len", "warmup_chunks", "warmup_chunk_len", "main_decoder_len", "main_chunks",
                      "main_chunk_len", "ceped_decoder_len", "ceped_chunks", "ceped_chunk_len", "ceped_k",
-                     "max_micro_batch", "timed_steps", "recipe_batch"):
+                     "max_micro_batch", "timed_steps", "recipe_batch", "scaling_micro_batch", "scaling_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         for name in ("ceped_context_len", "recipe_warmup_steps", "recipe_main_steps", "recipe_ceped_steps"):
@@ -162,7 +165,12 @@ class BenchTrainConfig:
 
 
 def run_train(config: BenchTrainConfig) -> dict[str, Any]:
-    """Measure, write `bench_train.json` + `bench_train.md` into `config.output_dir`, return the report."""
+    """Measure, write `bench_train.json` + `bench_train.md` (scaling mode: a row of `scaling.json` +
+    `scaling.md`) into `config.output_dir`, return the report (the row)."""
+    if config.scaling:
+        from pipeline.bench.train_scaling import run_scaling
+
+        return run_scaling(config)
     from pipeline.bench.train_runner import run_train_bench
 
     return run_train_bench(config)

@@ -1,0 +1,51 @@
+"""The main stage on two CPU processes (gloo) with DDP (the train bench's scaling mode through the
+loop's Accelerator) and with FSDP2 full sharding of the frozen decoder and the trained parts:
+the same losses and trainable weights as one process reading the whole global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_ddp_and_fsdp_steps_equal_one_process_with_the_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(HERE / "_train_fsdp_worker.py"), str(out), "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    from _train_fsdp_worker import STEPS, scaling, sharded_steps
+
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    try:
+        scaling(str(one), 2)  # one process, micro-batch 2 = both processes' share of each step
+        ref_losses, ref_weights = sharded_steps(2, shard=False)
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    single = json.loads((one / "scaling.json").read_text())["rows"]["single-1"]
+    ddp = rows["ddp-2"]
+    assert ddp["processes"] == 2 and len(ddp["losses"]) == STEPS
+    assert ddp["decoder_tokens_per_s"] > 0 and ddp["efficiency"] is None  # no 1-process row in this table
+    for a, b in zip(ddp["losses"], single["losses"]):
+        assert abs(a - b) < 1e-5, (ddp["losses"], single["losses"])
+    fsdp = torch.load(out / "fsdp.pt", weights_only=True)
+    assert len(fsdp["losses"]) == STEPS
+    for a, b in zip(fsdp["losses"], ref_losses):
+        assert abs(a - b) < 1e-5, (fsdp["losses"], ref_losses)
+    assert abs(ref_losses[0] - single["losses"][0]) < 1e-5  # the same model and first batch as the scaling mode
+    assert fsdp["weights"].keys() == ref_weights.keys()
+    for name, weight in ref_weights.items():
+        torch.testing.assert_close(fsdp["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
