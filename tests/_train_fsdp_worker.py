@@ -26,10 +26,11 @@ def scaling(output: str, micro_batch: int) -> None:
                                output_dir=output))
 
 
-def sharded_steps(micro_batch: int, shard: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+def sharded_steps(micro_batch: int, shard: bool, bf16: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """STEPS main-stage steps (the bench's TrainStep: the loop's optimizer, clipping, schedule),
     process r reading slice r of each global micro-batch; returns the mean losses and the full
-    trainable weights after the steps."""
+    trainable weights after the steps. `bf16`: as the stages train on a GPU (frozen weights bf16,
+    trainable fp32, bf16 autocast), so one FSDP unit holds parameters of both dtypes."""
     import torch.distributed as dist
 
     from pipeline.bench import presets
@@ -43,7 +44,7 @@ def sharded_steps(micro_batch: int, shard: bool) -> tuple[list[float], dict[str,
     config = BenchTrainConfig(**TINY, stages=["main"])
     dec = presets.decoder_config("tiny")
     torch.manual_seed(config.seed)  # as the scaling mode: every process builds the same weights
-    model = build_model(dec, presets.encoder_config("tiny", dec.vocab_size), torch.device("cpu"), bf16=False)
+    model = build_model(dec, presets.encoder_config("tiny", dec.vocab_size), torch.device("cpu"), bf16=bf16)
     if shard:
         from torch.distributed.fsdp import fully_shard
 
@@ -54,7 +55,7 @@ def sharded_steps(micro_batch: int, shard: bool) -> tuple[list[float], dict[str,
         fully_shard(model)
     options = LoopOptions(max_steps=1000, batch_size=micro_batch, lr_schedule="constant", warmup_ratio=0.0,
                           mixed_precision="no")
-    step = TrainStep(model, torch.device("cpu"), bf16=False, options=options)
+    step = TrainStep(model, torch.device("cpu"), bf16=bf16, options=options)
     task = StageTask(stage_inputs(config)["main"], model, config.seed)
     losses = []
     for i in range(STEPS):
@@ -77,9 +78,10 @@ def main(output: str, micro_batch: int) -> None:
     scaling(output, micro_batch)
     import torch.distributed as dist
 
-    losses, weights = sharded_steps(micro_batch, shard=True)
-    if dist.get_rank() == 0:
-        torch.save({"losses": losses, "weights": weights}, f"{output}/fsdp.pt")
+    for bf16 in (False, True):
+        losses, weights = sharded_steps(micro_batch, shard=True, bf16=bf16)
+        if dist.get_rank() == 0:
+            torch.save({"losses": losses, "weights": weights}, f"{output}/fsdp{'-bf16' if bf16 else ''}.pt")
     dist.barrier()
 
 

@@ -49,3 +49,12 @@ def test_ddp_and_fsdp_steps_equal_one_process_with_the_global_batch(tmp_path):
     assert fsdp["weights"].keys() == ref_weights.keys()
     for name, weight in ref_weights.items():
         torch.testing.assert_close(fsdp["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    # As on a GPU: frozen weights bf16 and trainable ones fp32 in the same shard unit, bf16 autocast.
+    # The losses agree; the weights up to bf16 rounding in the gradients (AdamW's first steps move
+    # each weight by about lr * sign(grad), so a near-zero gradient may move one the other way).
+    fsdp16 = torch.load(out / "fsdp-bf16.pt", weights_only=True)
+    ref16_losses, ref16_weights = sharded_steps(2, shard=False, bf16=True)
+    for a, b in zip(fsdp16["losses"], ref16_losses):
+        assert abs(a - b) < 1e-4, (fsdp16["losses"], ref16_losses)
+    diffs = torch.cat([(fsdp16["weights"][n] - w).abs().flatten() for n, w in ref16_weights.items()])
+    assert float((diffs > 1e-5).float().mean()) < 0.01 and float(diffs.max()) < 4 * 3e-4
