@@ -3,12 +3,14 @@ its throughput, memory and MFU; written out after every measurement.
 
 Order of work: the device's ceilings (`measure_ceilings`: the 8192^3 bf16 matmul is the peak MFU
 is taken against), one model (the stages share its shape: decoder, encoder, cross-attention in
-every layer), then for each compile setting, stage and checkpointing mode one cell:
+every layer), then for each stage and checkpointing mode one cell:
 1. the largest micro-batch that fits: micro-batches 1, 2, 4, ... (one step each; a step's peak
    is the run's peak at that micro-batch) until one runs out of memory or reaches
    `max_micro_batch`, then bisection between the last fit and the first failure;
 2. at that micro-batch, `timed_steps` more steps, timed in parts (`TrainStep`).
-Once `time_budget_s` has passed, the remaining cells are recorded as skipped.
+Then the main stage once more with the training-path speed fixes off (`baseline`), a profile of
+the best cell (`profile`), and with `compile` every cell again with the layers compiled. Once
+`time_budget_s` has passed, the remaining cells are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -105,32 +107,37 @@ class TrainBench:
         model = built["model"]
         step = TrainStep(model, self.device, self.bf16, cfg.max_grad_norm)
         self.report["model"] = self._describe_model(model)
-        for compiled in ([False, True] if cfg.compile else [False]):
-            if compiled:
-                try:
-                    compile_layers(model)
-                except Exception as exc:  # noqa: BLE001 - recorded, the eager cells stand
-                    self.report["notes"].append(f"torch.compile failed: {error_text(exc)}")
-                    break
-            for stage in self.stages.values():
-                for mode in cfg.checkpointing:
-                    key = {"stage": stage.name, "checkpointing": mode, "compiled": compiled, "lean_norms": True}
-                    if self.over_budget():
-                        cell = {**key, "skipped": "time budget"}
-                    else:
-                        cell = {**key, **self._cell(model, step, stage, mode)}
-                    self.report["cells"].append(cell)
-                    self.say(f"{stage.name} checkpointing={mode} compiled={compiled}: {_brief(cell)}")
-                    self.save()
+        self._cells(model, step, compiled=False)
+        # the eager model's extras come before compilation turns every layer into compiled code
         if cfg.baseline and "main" in self.stages and not self.over_budget():
             self._baseline(model, step)
         if cfg.profile and not self.over_budget():
             self._profile(model, step)
+        if cfg.compile:
+            try:
+                compile_layers(model)
+            except Exception as exc:  # noqa: BLE001 - recorded, the eager cells stand
+                self.report["notes"].append(f"torch.compile failed: {error_text(exc)}")
+            else:
+                self._cells(model, step, compiled=True)
         del model, step
         release()
         self.save(complete=True)
         self.say(f"done: {self.out_dir / 'bench_train.json'}, {self.out_dir / 'bench_train.md'}")
         return self.report
+
+    def _cells(self, model: Any, step: TrainStep, compiled: bool) -> None:
+        """One cell per stage and checkpointing mode (skipped once over the time budget)."""
+        for stage in self.stages.values():
+            for mode in self.config.checkpointing:
+                key = {"stage": stage.name, "checkpointing": mode, "compiled": compiled, "lean_norms": True}
+                if self.over_budget():
+                    cell = {**key, "skipped": "time budget"}
+                else:
+                    cell = {**key, **self._cell(model, step, stage, mode)}
+                self.report["cells"].append(cell)
+                self.say(f"{stage.name} checkpointing={mode} compiled={compiled}: {_brief(cell)}")
+                self.save()
 
     def _build(self) -> Any:
         from pipeline.model.cross_attention import flash_attn_available
