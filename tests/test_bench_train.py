@@ -302,3 +302,9 @@ def test_every_profile_has_the_train_bench_section(profile):
     root = Path(__file__).resolve().parent.parent
     config = load_config(BenchTrainConfig, "bench_train", root / "params" / f"{profile}.yaml")
     assert (config.main_decoder_len, config.main_chunks, config.main_chunk_len) == (4096, 16, 256)
+
+
+def test_the_13b_preset_is_llama_2_13b():
+    from pipeline.bench.presets import decoder_config
+
+    assert Shape.of(decoder_config("llama-2-13b")).params == 13_015_864_320

@@ -101,7 +101,7 @@ class BenchTrainConfig:
     decoder tokens + 16 x 256, its teacher reading 2048 + 2048.
     """
 
-    decoder: str = field("llama-2-7b", help="Decoder shape: a preset (llama-2-7b, smollm2-135m, tiny) or a config.json / model directory; weights are random")
+    decoder: str = field("llama-2-7b", help="Decoder shape: a preset (llama-2-7b, llama-2-13b, smollm2-135m, tiny) or a config.json / model directory; weights are random")
     encoder: str = field("cepe-435m", help="Encoder shape: a preset (cepe-435m, tiny) or a config.json / model directory")
     stages: list[str] = field(default_factory=lambda: list(TRAIN_STAGES), help="Stages to measure: warmup, main, ceped_online, ceped_precomputed")
     checkpointing: list[str] = field(default_factory=lambda: ["none", "decoder"], help="Gradient checkpointing modes to measure: none, decoder (decoder layers), all (decoder and encoder layers: the stages' gradient_checkpointing)")
