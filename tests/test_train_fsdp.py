@@ -35,8 +35,8 @@ def test_ddp_and_fsdp_steps_equal_one_process_with_the_global_batch(tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = json.loads((out / "scaling.json").read_text())["rows"]
-    single = json.loads((one / "scaling.json").read_text())["rows"]["single-1"]
-    ddp = rows["ddp-2"]
+    single = json.loads((one / "scaling.json").read_text())["rows"]["tiny-single-1"]
+    ddp = rows["tiny-ddp-2"]
     assert ddp["processes"] == 2 and len(ddp["losses"]) == STEPS
     assert ddp["decoder_tokens_per_s"] > 0 and ddp["efficiency"] is None  # no 1-process row in this table
     for a, b in zip(ddp["losses"], single["losses"]):
@@ -58,3 +58,20 @@ def test_ddp_and_fsdp_steps_equal_one_process_with_the_global_batch(tmp_path):
         assert abs(a - b) < 1e-4, (fsdp16["losses"], ref16_losses)
     diffs = torch.cat([(fsdp16["weights"][n] - w).abs().flatten() for n, w in ref16_weights.items()])
     assert float((diffs > 1e-5).float().mean()) < 0.01 and float(diffs.max()) < 4 * 3e-4
+
+
+def test_scaling_table_efficiency_against_one_gpu_of_the_same_decoder(tmp_path):
+    from pipeline.bench.train_scaling import write_scaling
+
+    base = dict(micro_batch=1, checkpointing="decoder", step_s=1.0, encoder_tokens_per_s=1.0, losses=[])
+    for decoder, strategy, n, rate in (("llama-2-7b", "single", 1, 100.0), ("llama-2-7b", "ddp", 8, 720.0),
+                                       ("llama-2-7b", "fsdp", 1, 80.0), ("llama-2-7b", "fsdp", 8, 600.0),
+                                       ("llama-2-13b", "fsdp", 8, 300.0)):
+        report = write_scaling(tmp_path, dict(base, decoder=decoder, strategy=strategy, processes=n, decoder_tokens_per_s=rate))
+    rows = report["rows"]
+    assert rows["llama-2-7b-ddp-8"]["efficiency"] == 0.9  # 720 / (8 x 100)
+    assert rows["llama-2-7b-fsdp-8"]["efficiency"] == 0.9375  # against FSDP's own 1-GPU row: 600 / (8 x 80)
+    assert rows["llama-2-13b-fsdp-8"]["efficiency"] is None  # no 13B run on one GPU
+    assert rows["llama-2-7b-ddp-8"]["tokens_per_s_per_gpu"] == 90.0
+    table = (tmp_path / "scaling.md").read_text()
+    assert table.count("| llama-2-7b |") == 4 and "| llama-2-13b | fsdp | 8 |" in table

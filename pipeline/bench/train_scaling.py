@@ -13,8 +13,8 @@ matmul peak of process 0's device.
 
 No micro-batch search here (an out-of-memory error on one process would leave the others waiting
 in a collective): `scaling_micro_batch` is fixed; take it from a single-GPU `cepe bench --train`.
-Results accumulate in `scaling.json` / `scaling.md` of `output_dir`, one row per (strategy,
-processes), so runs at 1, 2, 4 and 8 GPUs fill one table with the efficiency against 1 GPU.
+Results accumulate in `scaling.json` / `scaling.md` of `output_dir`, one row per (decoder,
+strategy, processes), so runs at 1, 2, 4 and 8 GPUs fill one table with the efficiency against 1 GPU.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def run_scaling(config: Any, log: Callable[[str], None] | None = None) -> dict[s
                              len(unwrapped.cross_attention_layers()), checkpointing=mode)
     step_s = _median(times) if times else None
     row: dict[str, Any] = {
+        "decoder": config.decoder,
         "strategy": strategy_of(acc),
         "processes": world,
         "micro_batch": micro,
@@ -189,40 +190,49 @@ def write_scaling(out_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
             from pipeline.errors import CepeError
 
             raise CepeError(f"{path}: not valid JSON; move it away to start a new scaling table") from None
-    report.setdefault("rows", {})[f"{row['strategy']}-{row['processes']}"] = row
+    report.setdefault("rows", {})[row_key(row)] = row
     finalize_scaling(report)
     atomic_write_json(path, report)
     atomic_write_text(out_dir / "scaling.md", render_scaling(report))
     return report
 
 
+def row_key(row: dict[str, Any]) -> str:
+    """`<decoder>-<strategy>-<processes>`: one row per model, strategy and GPU count."""
+    return f"{row.get('decoder', '')}-{row['strategy']}-{row['processes']}"
+
+
 def finalize_scaling(report: dict[str, Any]) -> None:
-    """Efficiency of each row: its tokens/s over N times the 1-process tokens/s (the `single` or
-    same-strategy 1-process row)."""
+    """Efficiency of each row: its tokens/s over N times the 1-process tokens/s of the same decoder
+    (the same strategy's 1-process row if there is one, else the plain single-process row)."""
     rows = report.get("rows", {})
-    base = next((r for r in rows.values() if r["processes"] == 1 and r.get("decoder_tokens_per_s")), None)
     for row in rows.values():
+        ones = [r for r in rows.values() if r["processes"] == 1 and r.get("decoder") == row.get("decoder")
+                and r.get("decoder_tokens_per_s")]
+        base = next((r for r in ones if r["strategy"] == row["strategy"]), None) or next(
+            (r for r in ones if r["strategy"] == "single"), None)
         rate = row.get("decoder_tokens_per_s")
         row["efficiency"] = _round(rate / (row["processes"] * base["decoder_tokens_per_s"]), 4) if base and rate else None
         row["tokens_per_s_per_gpu"] = _round(rate / row["processes"], 5) if rate else None
 
 
 def render_scaling(report: dict[str, Any]) -> str:
-    rows = sorted(report.get("rows", {}).values(), key=lambda r: (r["strategy"] != "single", r["strategy"], r["processes"]))
+    rows = sorted(report.get("rows", {}).values(),
+                  key=lambda r: (r.get("decoder", ""), r["strategy"] != "single", r["strategy"], r["processes"]))
     first = rows[0] if rows else {}
     device = first.get("device", {})
     lines = ["# Main-stage scaling: `cepe bench --train --scaling true` under `accelerate launch`", "",
              f"- Device: {device.get('name')} ({device.get('memory_gb')} GB); torch {device.get('torch')}",
              f"- Matmul ceiling of process 0's GPU: {first.get('ceilings', {}).get('matmul_tflops')} TFLOP/s",
              "- Efficiency: tokens/s over N x the 1-process tokens/s; MFU per GPU (pipeline/bench/train_flops.py)", "",
-             "| strategy | GPUs | micro-batch / GPU | checkpointing | step (s) | decoder tokens/s | per GPU | encoder tokens/s | "
+             "| decoder | strategy | GPUs | micro-batch / GPU | checkpointing | step (s) | decoder tokens/s | per GPU | encoder tokens/s | "
              "efficiency | peak GB / GPU | MFU | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(v: Any) -> str:
             return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-        lines.append(f"| {r['strategy']} | {r['processes']} | {r['micro_batch']} | {r['checkpointing']} | {f(r['step_s'])} | "
+        lines.append(f"| {r.get('decoder', '')} | {r['strategy']} | {r['processes']} | {r['micro_batch']} | {r['checkpointing']} | {f(r['step_s'])} | "
                      f"{f(r['decoder_tokens_per_s'])} | {f(r.get('tokens_per_s_per_gpu'))} | {f(r['encoder_tokens_per_s'])} | "
                      f"{f(r.get('efficiency'))} | {f(r.get('peak_gb_per_gpu'))} | {f(r.get('mfu'))} | `{r.get('command', '')}` |")
     return "\n".join(lines) + "\n"
