@@ -43,7 +43,7 @@ def lean_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     4096 that is 64 MB per frozen norm and 96 MB for the cross-attention's, where the bf16 input
     kept instead is 32 MB: 128 MB per CEPE layer, about 4 GB over LLaMA-2-7B's 32 layers at one
     4096-token sequence. The recomputation runs the same module forward on the same input under the
-    same autocast state: the loss and every gradient are unchanged (tests/test_model.py); the cost
+    same autocast state: the loss and every gradient are unchanged, bitwise (tests/test_bench_train.py); the cost
     is a few elementwise kernels per norm. Outside training (or without gradients) it is the plain
     call. `LEAN_NORMS = False` turns it off.
     """
