@@ -32,6 +32,21 @@ DECODER_PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # LLaMA-2-13B: 40 layers, 5120 wide, 40 heads (MHA), FFN 13824 (the FSDP scaling runs' larger shape).
+    "llama-2-13b": dict(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # SmolLM2-135M (the decoder docs/offline.md packages): GQA 9/3 heads, tied embeddings.
     "smollm2-135m": dict(
         vocab_size=49152,

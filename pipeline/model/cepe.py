@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask
+from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask, lean_norm
 from pipeline.model.encoder import CepeEncoder, CepeEncoderConfig, build_encoder_config
 
 INIT_MODES = ("zero", "copy", "normal", "none")
@@ -148,6 +148,8 @@ class CrossAttentionLayerMixin:
     It reuses the layer's own submodules (`input_layernorm`, `self_attn`,
     `post_attention_layernorm`, `mlp`), which Llama, Mistral and Qwen2 layers all have, and
     passes every other keyword (cache, positions, rotary embeddings) to self-attention untouched.
+    While training, the two norms (and the cross-attention's own) are recomputed in the backward
+    pass instead of keeping their fp32 intermediates (`cross_attention.lean_norm`).
     """
 
     cross_attn: CepeCrossAttention
@@ -164,7 +166,7 @@ class CrossAttentionLayerMixin:
         **kwargs: Any,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = lean_norm(self.input_layernorm, hidden_states)  # recomputed in the backward pass
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids, *args, **kwargs
         )
@@ -174,7 +176,7 @@ class CrossAttentionLayerMixin:
                 hidden_states, encoder_hidden_states, encoder_padding_mask, form=cross_attn_form
             )
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = lean_norm(self.post_attention_layernorm, hidden_states)
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 

@@ -86,3 +86,91 @@ def run(config: BenchConfig) -> dict[str, Any]:
     from pipeline.bench.runner import run_bench
 
     return run_bench(config)
+
+
+TRAIN_STAGES = ("warmup", "main", "ceped_online", "ceped_precomputed")
+CHECKPOINTING = ("none", "decoder", "all")
+
+
+@dataclass
+class BenchTrainConfig:
+    """`cepe bench --train` (section `bench_train`): the training stages' step at the paper's shapes.
+
+    Defaults are the paper profile's stages at the LLaMA-2-7B shape with the paper's encoder:
+    warm-up 256 decoder tokens + 4 x 64 encoder tokens, main stage 4096 + 16 x 256, CEPED 2048
+    decoder tokens + 16 x 256, its teacher reading 2048 + 2048.
+    """
+
+    decoder: str = field("llama-2-7b", help="Decoder shape: a preset (llama-2-7b, llama-2-13b, smollm2-135m, tiny) or a config.json / model directory; weights are random")
+    encoder: str = field("cepe-435m", help="Encoder shape: a preset (cepe-435m, tiny) or a config.json / model directory")
+    stages: list[str] = field(default_factory=lambda: list(TRAIN_STAGES), help="Stages to measure: warmup, main, ceped_online, ceped_precomputed")
+    checkpointing: list[str] = field(default_factory=lambda: ["none", "decoder"], help="Gradient checkpointing modes to measure: none, decoder (decoder layers), all (decoder and encoder layers: the stages' gradient_checkpointing)")
+    compile: bool = field(False, help="Also measure every cell with the decoder and encoder layers torch.compile'd (after the eager cells)")
+    warmup_decoder_len: int = field(256, help="Warm-up: decoder tokens per sequence")
+    warmup_chunks: int = field(4, help="Warm-up: encoder chunks (the duplicate layout: they hold the decoder's first tokens)")
+    warmup_chunk_len: int = field(64, help="Warm-up: encoder chunk length")
+    main_decoder_len: int = field(4096, help="Main stage: decoder tokens per sequence")
+    main_chunks: int = field(16, help="Main stage: encoder chunks")
+    main_chunk_len: int = field(256, help="Main stage: encoder chunk length")
+    ceped_decoder_len: int = field(2048, help="CEPED: the student's decoder tokens (and the teacher's scored positions)")
+    ceped_context_len: int = field(2048, help="CEPED: context tokens the online teacher reads before the decoder tokens")
+    ceped_chunks: int = field(16, help="CEPED: encoder chunks the student reads")
+    ceped_chunk_len: int = field(256, help="CEPED: encoder chunk length")
+    ceped_k: int = field(50, help="CEPED: teacher top-k")
+    context_masking: bool = field(True, help="Main stage and CEPED: the stages' encoder-context masking (0.3 / 0.03 per chunk)")
+    max_micro_batch: int = field(64, help="Largest micro-batch the search tries")
+    timed_steps: int = field(3, help="Timed steps at the chosen micro-batch (median reported)")
+    max_grad_norm: float = field(1.0, help="Gradient clipping, as the stages (part of the optimizer's time)")
+    precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bf16 autocast with bf16 frozen weights and fp32 trainable ones on a GPU (the stages' mixed_precision bf16), fp32 on a CPU")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = field("auto", help="Attention of decoder, encoder and cross-attention; auto = flash-attn if installed on a GPU, else sdpa")
+    device: str = field("auto", help="cuda, cuda:N, cpu or auto")
+    recipe_batch: int = field(128, help="The recipe's global batch (sequences per optimizer step)")
+    recipe_warmup_steps: int = field(4000, help="The recipe's warm-up steps")
+    recipe_main_steps: int = field(20000, help="The recipe's main-stage steps")
+    recipe_ceped_steps: int = field(20000, help="The recipe's CEPED steps")
+    recipe_gpus: list[int] = field(default_factory=lambda: [1, 8], help="GPU counts the recipe's wall-clock is estimated for")
+    scaling: bool = field(False, help="Scaling mode, run under `accelerate launch` (docs/accelerate/): the main stage's step on every process with the launch's DDP or FSDP, at scaling_micro_batch; adds a row to scaling.json / scaling.md")
+    scaling_micro_batch: int = field(1, help="Scaling mode: sequences per process per step")
+    scaling_steps: int = field(5, help="Scaling mode: timed steps (after one untimed)")
+    baseline: bool = field(True, help="Also measure the main stage (first checkpointing mode) with the training-path speed fixes off (cross_attention.LEAN_NORMS)")
+    profile: bool = field(False, help="Write a torch.profiler table of one step of the cell with the best MFU (profile_train_<stage>.txt)")
+    time_budget_s: float = field(270.0, help="Start no new measurement after this many seconds (0 = no limit); skipped cells are marked")
+    seed: int = field(0, help="Seed of the synthetic token ids")
+    output_dir: str = field("reports/bench_train", help="Where bench_train.json and bench_train.md are written")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in TRAIN_STAGES]
+        if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages: expected distinct values among {', '.join(TRAIN_STAGES)}, got {self.stages}")
+        bad = [c for c in self.checkpointing if c not in CHECKPOINTING]
+        if bad or not self.checkpointing or len(set(self.checkpointing)) != len(self.checkpointing):
+            raise ConfigError(f"checkpointing: expected distinct values among {', '.join(CHECKPOINTING)}, got {self.checkpointing}")
+        for name in ("warmup_decoder_len", "warmup_chunks", "warmup_chunk_len", "main_decoder_len", "main_chunks",
+                     "main_chunk_len", "ceped_decoder_len", "ceped_chunks", "ceped_chunk_len", "ceped_k",
+                     "max_micro_batch", "timed_steps", "recipe_batch", "scaling_micro_batch", "scaling_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        for name in ("ceped_context_len", "recipe_warmup_steps", "recipe_main_steps", "recipe_ceped_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+        if self.warmup_chunks * self.warmup_chunk_len > self.warmup_decoder_len:
+            raise ConfigError(
+                f"warmup_chunks, warmup_chunk_len: {self.warmup_chunks} x {self.warmup_chunk_len} encoder tokens do not fit "
+                f"in the {self.warmup_decoder_len} decoder tokens they duplicate"
+            )
+        if not self.recipe_gpus or any(n < 1 for n in self.recipe_gpus):
+            raise ConfigError(f"recipe_gpus: expected GPU counts >= 1, got {self.recipe_gpus}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm: expected a positive number, got {self.max_grad_norm}")
+
+
+def run_train(config: BenchTrainConfig) -> dict[str, Any]:
+    """Measure, write `bench_train.json` + `bench_train.md` (scaling mode: a row of `scaling.json` +
+    `scaling.md`) into `config.output_dir`, return the report (the row)."""
+    if config.scaling:
+        from pipeline.bench.train_scaling import run_scaling
+
+        return run_scaling(config)
+    from pipeline.bench.train_runner import run_train_bench
+
+    return run_train_bench(config)

@@ -331,6 +331,15 @@ def _restore_schedule(scheduler: Any, step: int) -> None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints)."""
+    # transformers >= 5.2x renamed it activation_checkpointing_enable (old name deprecated)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError("gradient_checkpointing: this model does not support it")
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -556,13 +565,7 @@ class _Trainer:
         if resume_from is not None:
             self._load_weights(resume_from)
         if o.gradient_checkpointing:
-            # transformers >= 5.2x renamed it activation_checkpointing_enable (old name deprecated)
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            elif hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                raise ConfigError("gradient_checkpointing: this model does not support it")
+            enable_gradient_checkpointing(model)
         model.train()
         model.to(acc.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
