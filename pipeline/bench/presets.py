@@ -2,7 +2,7 @@
 
 The benchmark measures speed and memory, which depend on the shapes only, so it never needs
 real weights: `llama-2-7b` and `cepe-435m` are the paper's decoder and encoder
-(cepe-method.md 1.1), `tiny` pairs run in seconds on a CPU (tests, CI), and `smollm2-135m` is
+(docs/method.md §1.1), `tiny` pairs run in seconds on a CPU (tests, CI), and `smollm2-135m` is
 the packaged real decoder's shape. A path instead of a name reads a `config.json` (or a model
 directory's) and builds that shape.
 """

@@ -4,7 +4,7 @@ Wrap, don't fork. `CepeForCausalLM` holds
 - `decoder`: the decoder exactly as `AutoModelForCausalLM` builds it (Llama, Mistral, Qwen2, ...).
   Only the class of each chosen decoder layer is swapped for a subclass (`Cepe<LayerClass>`)
   that owns one extra sublayer, `cross_attn`, run between the self-attention residual and the MLP
-  (cepe-method.md 1.3). All original state-dict keys (`decoder.model.layers.N.self_attn...`) are
+  (docs/method.md §1.3). All original state-dict keys (`decoder.model.layers.N.self_attn...`) are
   untouched, so the pretrained decoder loads as it is; the new keys are
   `decoder.model.layers.N.cross_attn.*`.
 - `encoder`: a `CepeEncoder` (bidirectional Llama) over the decoder's vocabulary + `[MASK]`.
@@ -51,7 +51,7 @@ class CepeConfig(PretrainedConfig):
         encoder_config: the encoder's `CepeEncoderConfig` (dict or config).
         num_cross_attn_layers: cross-attention in the last N decoder layers; None = all (paper).
         cross_attn_init: o-projection init when wrapping a plain decoder: zero (paper run), copy,
-            normal; q/k/v/norm are always copied from self-attention (cepe-method.md 1.4).
+            normal; q/k/v/norm are always copied from self-attention (docs/method.md §1.4).
         cross_attn_form: auto | projected | absorbed (see cross_attention.py).
         absorbed_min_context: with `auto`, the absorbed form is used only from this many context
             tokens on. On an H200 (docs/results/bench.md) the absorbed form decoded faster from 2K

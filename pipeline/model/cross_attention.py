@@ -1,6 +1,6 @@
 """Cross-attention from the decoder's hidden states to the encoder's states, in two forms.
 
-The module (cepe-method.md 1.3): its own RMSNorm, `q = W_q norm(h)` from the decoder state,
+The module (docs/method.md §1.3): its own RMSNorm, `q = W_q norm(h)` from the decoder state,
 `K = W_k phi`, `V = W_v phi` projected straight from the encoder width to all of the decoder's
 heads, no positional encoding, no gate, no causal mask, the encoder's key-padding mask, then
 `W_o`. The decoder layer adds the result to its residual stream.
@@ -248,7 +248,7 @@ class CepeCrossAttention(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_from_self_attention(self, layer: nn.Module, o_mode: str = "zero") -> None:
-        """The paper's initialisation (cepe-method.md 1.4) from the decoder layer it sits in.
+        """The paper's initialisation (docs/method.md §1.4) from the decoder layer it sits in.
 
         q <- self-attention q; k, v <- the first E input columns of self-attention k, v, with
         grouped-query heads repeated to every query head (as `repeat_kv` pairs them); norm <-

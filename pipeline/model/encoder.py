@@ -2,7 +2,7 @@
 
 The paper's encoder is a LLaMA-architecture transformer (RMSNorm, RoPE, SwiGLU) trained with
 masked-language modelling: 24 layers, 1024 wide, 16 heads, FFN 4096, over the decoder's own
-vocabulary plus one `[MASK]` token (cepe-method.md 1.1). It is a plain `LlamaModel` with causal
+vocabulary plus one `[MASK]` token (docs/method.md §1.1). It is a plain `LlamaModel` with causal
 masking switched off, so every `transformers` attention backend serves it unchanged.
 
 Chunks are encoded independently: `(B, n, L)` is flattened to `(B*n, L)`, so RoPE positions

@@ -1,6 +1,6 @@
 """`cepe distill`: CEPE-Distilled, extending an instruction-tuned decoder with unlabeled text alone.
 
-cepe-method.md 2.4. The student is a CEPE model whose frozen decoder is the teacher's own weights
+docs/method.md §2.4. The student is a CEPE model whose frozen decoder is the teacher's own weights
 (by default the warm-up of that decoder); the teacher reads context + decoder input inside its
 own window, and the student learns to match it while reading the context through its encoder:
 

@@ -1,4 +1,4 @@
-"""`cepe prepare-data`: raw text -> filtered, tokenized, windowed Arrow shards (cepe-method.md §3).
+"""`cepe prepare-data`: raw text -> filtered, tokenized, windowed Arrow shards (docs/method.md §3).
 
 One invocation writes one layout (or one mixture of layouts) to one output directory, so each
 DVC stage that needs data has its own output. The defaults are the CPU-sized embedded run: the

@@ -1,4 +1,4 @@
-"""`cepe pretrain-encoder`: masked-language-model pretraining of the CEPE encoder (cepe-method.md 2.1).
+"""`cepe pretrain-encoder`: masked-language-model pretraining of the CEPE encoder (docs/method.md §2.1).
 
 The encoder is a bidirectional Llama over the decoder's vocabulary plus `[MASK]`, trained from
 scratch (`init: random`, the paper) or from the decoder's own embeddings and lower layers

@@ -1,4 +1,4 @@
-"""`cepe teacher-logits`: the teacher's top-k on every decoder position, stored once (cepe-method.md 2.4).
+"""`cepe teacher-logits`: the teacher's top-k on every decoder position, stored once (docs/method.md §2.4).
 
 The teacher (an instruction-tuned decoder; by default the same decoder the CEPE student wraps)
 reads `context[-teacher_context_len:] + decoder_input[:decoder_len]` of each prevdoc window

@@ -1,4 +1,4 @@
-"""`cepe train`: the main CEPE stage (cepe-method.md 2.3).
+"""`cepe train`: the main CEPE stage (docs/method.md §2.3).
 
 Starts from the warm-up's CEPE model (no re-initialisation) and trains cross-attention and
 encoder on `prevdoc` / `concat` windows, whose encoder chunks hold the text right before the
@@ -28,7 +28,7 @@ class TrainConfig(LmStageOptions):
                             help="Shard directories of prevdoc/concat windows (or their mix), read as one dataset.")
     output: str = field("runs/train", help="Output directory: model/, checkpoints/, metrics.json, steps.tsv.")
     model: str = field("runs/warmup/model", help="The warm-up's CEPE model (its output directory or model/).")
-    context_masking: bool = field(True, help="Mask encoder chunks at random for robustness (cepe-method.md 2.3).")
+    context_masking: bool = field(True, help="Mask encoder chunks at random for robustness (docs/method.md §2.3).")
     context_mask_prob: float = field(0.3, help="Probability that a chunk is masked at all.")
     context_mask_full_prob: float = field(0.03, help="Probability that a chunk is masked entirely (part of context_mask_prob).")
     max_steps: int = field(20_000, help="Optimiser steps to train for.")

@@ -1,4 +1,4 @@
-"""`cepe warmup`: teach the new cross-attention to copy from the encoder (cepe-method.md 2.2).
+"""`cepe warmup`: teach the new cross-attention to copy from the encoder (docs/method.md §2.2).
 
 The frozen decoder is wrapped with cross-attention in its layers (q, k, v and the norm copied
 from self-attention, the o-projection zero so the model starts as the plain decoder) and an
