@@ -196,7 +196,7 @@ def _static_equals_plain(side, name, compile_step=False):
 @pytest.mark.parametrize("name", ["full", "cepe"])
 def test_packed_sides_decode_as_the_plain_loop(name):
     """`pack_decoder`: a side packed for decoding still generates its plain loop's tokens."""
-    from pipeline.model.decode_packing import pack_for_decoding
+    from pipeline.fastdecode.decode_packing import pack_for_decoding
 
     side = _tiny_side(name)
     assert pack_for_decoding(side.model)["attention"] == costs.Shape.of(decoder_config("tiny")).layers

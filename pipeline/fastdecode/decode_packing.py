@@ -28,7 +28,7 @@ import inspect
 import torch
 from torch import nn
 
-from pipeline.model import decode_ops
+from pipeline.fastdecode import decode_ops
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
