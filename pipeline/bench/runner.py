@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 
 from pipeline.bench import decode
-from pipeline.bench.device import GB, Clock, Memory, attempt, describe, error_text, is_oom, measure_ceilings, release, resolve_device, resolve_dtype
+from pipeline.bench.device import GB, Clock, Memory, attempt, describe, error_text, is_oom, measure_ceilings, release
 from pipeline.bench.costs import Shape
 from pipeline.bench.split import Split
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import CepeError
 
 DECODE_WARMUP = 2  # eager steps before a CUDA graph is captured
@@ -55,8 +56,8 @@ class Runner:
         from pipeline.bench import presets
 
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device, option="bench.device")
+        self.dtype = resolve_dtype(config.dtype, self.device, option="bench.dtype")
         self.clock = Clock(self.device)
         self.memory = Memory(self.device)
         self.t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
+from pipeline.decoders import decoder_layers, is_cepe_model  # noqa: F401 (is_cepe_model: part of pipeline.model's API)
 from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask
 from pipeline.model.encoder import CepeEncoder, CepeEncoderConfig, build_encoder_config
 
@@ -178,18 +179,13 @@ def cross_attention_layer_class(base: type) -> type:
     return cls
 
 
-def _decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-    return base.layers
-
-
 def add_cross_attention(decoder: PreTrainedModel, config: CepeConfig) -> None:
     """Give each chosen decoder layer a `cross_attn` sublayer (in place, weights random)."""
     dconf = decoder.config
     econf = config.encoder_config
     head_dim = getattr(dconf, "head_dim", None) or dconf.hidden_size // dconf.num_attention_heads
     attn_impl = getattr(dconf, "_attn_implementation", None) or "sdpa"
-    layers = _decoder_layers(decoder)
+    layers = decoder_layers(decoder)
     for idx in config.cross_attn_layer_ids():
         layer = layers[idx]
         if hasattr(layer, "cross_attn"):
@@ -328,7 +324,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             layer.cross_attn.init_from_self_attention(layer, mode)
 
     def cross_attention_layers(self) -> list[nn.Module]:
-        return [layer for layer in _decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
+        return [layer for layer in decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -533,10 +529,6 @@ def register_auto_classes() -> None:
             auto.register(conf, model)
         except ValueError:
             pass
-
-
-def is_cepe_model(model: Any) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == "cepe"
 
 
 __all__ = [

@@ -18,6 +18,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from pipeline.decoders import decoder_body
+
 
 class CepeEncoderConfig(LlamaConfig):
     """A `LlamaConfig` for a non-causal encoder; `mask_token_id` is the `[MASK]` id (= decoder vocab)."""
@@ -214,12 +216,6 @@ class CepeEncoderForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-def base_layer_attn(decoder: PreTrainedModel) -> nn.Module:
-    """The first decoder layer's self-attention q-projection (to read its bias)."""
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-    return base.layers[0].self_attn.q_proj
-
-
 def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> CepeEncoder:
     """An encoder of the decoder's width, initialised from its embeddings and first layers.
 
@@ -243,13 +239,13 @@ def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> Ce
     )
     # Qwen2-style decoders carry q/k/v biases; a Llama encoder then needs attention biases too
     # (its o-projection bias, which Qwen2 lacks, starts at zero).
-    has_bias = getattr(base_layer_attn(decoder), "bias", None) is not None
+    base = decoder_body(decoder)
+    has_bias = getattr(base.layers[0].self_attn.q_proj, "bias", None) is not None
     config.attention_bias = has_bias
     if num_layers > dconf.num_hidden_layers:
         raise ValueError(f"encoder layers {num_layers} > decoder layers {dconf.num_hidden_layers}")
     config._attn_implementation = dconf._attn_implementation
     encoder = CepeEncoder(config)
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
     with torch.no_grad():
         emb = base.embed_tokens.weight
         encoder.embed_tokens.weight[: emb.shape[0]].copy_(emb)

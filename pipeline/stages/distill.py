@@ -171,7 +171,7 @@ def build_teacher(config: DistillConfig, student: Any, student_fingerprint: str,
     from pipeline.stages.teacher_logits import load_teacher
     from pipeline.train.teacher import OnlineTeacher, max_window, resolve_teacher, weights_fingerprint
 
-    from pipeline.stages.teacher_logits import default_device
+    from pipeline.devices import resolve_device
 
     ref = resolve_teacher(config.teacher)
     source = getattr(student.config, "decoder_name_or_path", None)
@@ -180,7 +180,7 @@ def build_teacher(config: DistillConfig, student: Any, student_fingerprint: str,
                              max_positions=max_window(student.decoder.config)), None
     # Loaded where it will run (bf16 on a GPU with teacher_dtype auto), compared, dropped if it is
     # the student's own decoder after all.
-    _, model = load_teacher(config.teacher, config.teacher_dtype, config.attn_implementation, default_device())
+    _, model = load_teacher(config.teacher, config.teacher_dtype, config.attn_implementation, resolve_device())
     if weights_fingerprint(model) == student_fingerprint:
         del model
         return OnlineTeacher(None, config.teacher_context_len, config.decoder_len, config.k, config.temperature,

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, config_hash, field, to_dict
+from pipeline.devices import DTYPES, resolve_device, resolve_dtype
 from pipeline.errors import CepeError
 from pipeline.io import atomic_directory, atomic_write_json, sha256_file
 from pipeline.train.teacher import LOGITS_FORMAT, check_window, max_window, resolve_teacher, weights_fingerprint
 from pipeline.train.teacher_shards import LOGITS_VERSION, MANIFEST
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 # Layouts whose windows carry the context just before the decoder input (the teacher reads both).
 CEPED_LAYOUTS = ("prevdoc", "concat")
 
@@ -79,28 +80,14 @@ class TeacherLogitsConfig:
 # helpers shared with `cepe distill`
 
 
-def torch_dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def default_device() -> Any:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_teacher(name: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: Any = None) -> tuple[Any, Any]:
     """(TeacherRef, model on `device`, eval mode, frozen) for a `--teacher` value."""
     from transformers import AutoModelForCausalLM
 
     ref = resolve_teacher(name)
-    device = device or default_device()
+    device = device or resolve_device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.resolved, dtype=torch_dtype(dtype, device),
+        model = AutoModelForCausalLM.from_pretrained(ref.resolved, dtype=resolve_dtype(dtype, device),
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         hint = "" if ref.is_local else " (a hub id needs network access; or pass a local model directory)"
@@ -199,7 +186,7 @@ def run(config: TeacherLogitsConfig) -> dict[str, Any]:
     structures = {split: shard_structure(ds, config.max_windows) for split, ds in datasets.items()}
 
     start = time.time()
-    device = default_device()
+    device = resolve_device()
     ref, model = load_teacher(config.teacher, config.dtype, config.attn_implementation, device)
     check_window(config.teacher_context_len, config.decoder_len, max_window(model.config))
     check_tokenizer(model, manifest, ref)
