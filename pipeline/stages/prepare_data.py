@@ -283,10 +283,10 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.data.layouts import Geometry, assign_split
-    from pipeline.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, fingerprint
+    from pipeline.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, fingerprint, write_manifest
     from pipeline.data.sources import Skips, check_sources, interleave, parse_source
     from pipeline.data.tokenize import DocumentTokenizer, OrderedPool, load_tokenizer, tokenizer_info
-    from pipeline.io import atomic_directory, atomic_write_json
+    from pipeline.io import atomic_directory
 
     started = time.time()
     weights = config.layout_weights()
@@ -449,7 +449,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
             "params": params,
             "fingerprint": fingerprint(shards),
         })
-        atomic_write_json(Path(tmp) / MANIFEST, manifest)
+        write_manifest(tmp, manifest)
 
     elapsed = time.time() - started
     return {

@@ -23,9 +23,10 @@ from typing import Any
 from pipeline.config import ConfigError, config_hash, field, to_dict
 from pipeline.devices import DTYPES, resolve_device, resolve_dtype
 from pipeline.errors import CepeError
-from pipeline.io import atomic_directory, atomic_write_json, sha256_file
+from pipeline.data.shards import write_manifest
+from pipeline.io import atomic_directory, sha256_file
 from pipeline.train.teacher import LOGITS_FORMAT, check_window, max_window, resolve_teacher, weights_fingerprint
-from pipeline.train.teacher_shards import LOGITS_VERSION, MANIFEST
+from pipeline.train.teacher_shards import LOGITS_VERSION
 
 
 # Layouts whose windows carry the context just before the decoder input (the teacher reads both).
@@ -224,7 +225,7 @@ def run(config: TeacherLogitsConfig) -> dict[str, Any]:
             entry["data_rows"] = len(datasets[split])
             out["splits"][split] = entry
         out["seconds"] = round(time.time() - start, 2)
-        atomic_write_json(Path(tmp) / MANIFEST, out)
+        write_manifest(tmp, out)
     return {
         "output": str(config.output),
         "teacher": ref.resolved,
