@@ -294,3 +294,14 @@ def test_encoder_from_decoder_layers():
     model = CepeForCausalLM.from_decoder(decoder, encoder=encoder, init_mode="copy")
     ids, enc = _inputs()
     assert torch.isfinite(model(ids, encoder_input_ids=enc).logits).all()
+
+
+def test_encoder_spec_states_the_paper_shape_and_names_the_users_option():
+    from pipeline.model import PAPER_ENCODER, EncoderSpec
+
+    values = EncoderSpec().config_values()
+    assert values == {k: PAPER_ENCODER[k] for k in values}
+    names = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size", "heads": "encoder_heads"}
+    assert EncoderSpec(hidden_size=10, heads=3).problem(names) == "encoder_heads: 3 does not divide encoder_hidden_size 10"
+    assert EncoderSpec(hidden_size=10, heads=3).problem(names, divisible=False) is None
+    assert EncoderSpec(layers=0).problem(names) == "encoder_layers: expected an integer >= 1, got 0"

@@ -13,6 +13,8 @@ restart at 0 in every chunk and no chunk sees another; the outputs are concatena
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
@@ -39,6 +41,34 @@ PAPER_ENCODER = dict(
     rope_theta=10000.0,
     tie_word_embeddings=True,
 )
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The shape of an encoder built fresh (not loaded, not taken from decoder layers): what every
+    stage that builds one states, whatever its options are called. Defaults are the paper's."""
+
+    layers: int = PAPER_ENCODER["num_hidden_layers"]
+    hidden_size: int = PAPER_ENCODER["hidden_size"]
+    intermediate_size: int = PAPER_ENCODER["intermediate_size"]
+    heads: int = PAPER_ENCODER["num_attention_heads"]
+    max_position_embeddings: int = PAPER_ENCODER["max_position_embeddings"]
+
+    def problem(self, names: dict[str, str], divisible: bool = True) -> str | None:
+        """What is wrong with this shape, naming the user's option (`names`: field -> option): a
+        size below 1, or (`divisible`) heads that do not divide the width; None if nothing."""
+        for key in ("layers", "hidden_size", "intermediate_size", "heads", "max_position_embeddings"):
+            if key in names and getattr(self, key) < 1:
+                return f"{names[key]}: expected an integer >= 1, got {getattr(self, key)}"
+        if divisible and self.hidden_size % self.heads:
+            return f"{names['heads']}: {self.heads} does not divide {names['hidden_size']} {self.hidden_size}"
+        return None
+
+    def config_values(self) -> dict[str, int]:
+        """The `CepeEncoderConfig` fields this spec sets (multi-head attention: kv heads = heads)."""
+        return dict(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                    max_position_embeddings=self.max_position_embeddings)
 
 
 def build_encoder_config(decoder_vocab_size: int, **overrides) -> CepeEncoderConfig:

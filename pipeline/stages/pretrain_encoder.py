@@ -18,6 +18,11 @@ from pipeline.errors import CepeError
 from pipeline.train.loop import LoopOptions
 
 
+# EncoderSpec field -> this section's key.
+ENCODER_KEYS = {"layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                "heads": "num_heads", "max_position_embeddings": "max_position_embeddings"}
+
+
 @dataclass
 class PretrainEncoderConfig(LoopOptions):
     """MLM pretraining; defaults are the paper's recipe, params.yaml holds the CPU-sized one."""
@@ -45,11 +50,15 @@ class PretrainEncoderConfig(LoopOptions):
             raise ConfigError(f"mlm_probability: expected a fraction in (0, 1), got {self.mlm_probability}")
         if self.init == "decoder-layers" and not self.decoder:
             raise ConfigError("decoder: init decoder-layers needs the decoder directory")
-        for key in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "max_position_embeddings"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
-        if self.init == "random" and self.hidden_size % self.num_heads:
-            raise ConfigError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        problem = self.encoder_spec().problem(ENCODER_KEYS, divisible=self.init == "random")
+        if problem:
+            raise ConfigError(problem)
+
+    def encoder_spec(self):
+        """The encoder shape these options state (`init: random`; `num_layers` also for decoder-layers)."""
+        from pipeline.model.encoder import EncoderSpec
+
+        return EncoderSpec(**{field: getattr(self, key) for field, key in ENCODER_KEYS.items()})
 
 
 def special_token_ids(info: dict[str, Any]) -> frozenset[int]:
@@ -79,10 +88,7 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
         model.model.load_state_dict(encoder.state_dict())
         model.tie_weights()
         return model
-    econf = build_encoder_config(
-        vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads, max_position_embeddings=config.max_position_embeddings)
+    econf = build_encoder_config(vocab_size, **config.encoder_spec().config_values())
     econf._attn_implementation = config.attn_implementation
     return CepeEncoderForMaskedLM(econf)
 

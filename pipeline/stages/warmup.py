@@ -20,6 +20,9 @@ from pipeline.errors import CepeError
 from pipeline.train.loop import LoopOptions
 
 SPECIAL_ENCODERS = ("decoder-layers", "random")
+# EncoderSpec field -> this section's key (a random encoder keeps the spec's 512 positions).
+ENCODER_KEYS = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size",
+                "intermediate_size": "encoder_intermediate_size", "heads": "encoder_heads"}
 
 
 @dataclass
@@ -62,13 +65,19 @@ class WarmupConfig(LmStageOptions):
             raise ConfigError("decoder: expected the decoder directory")
         if not self.encoder:
             raise ConfigError(f"encoder: expected a directory or one of {', '.join(SPECIAL_ENCODERS)}")
-        for key in ("encoder_layers", "encoder_hidden_size", "encoder_intermediate_size", "encoder_heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        spec = self.encoder_spec()
+        if problem := spec.problem(ENCODER_KEYS, divisible=False):
+            raise ConfigError(problem)
         if self.num_cross_attn_layers < 0:
             raise ConfigError(f"num_cross_attn_layers: expected 0 (all) or a positive count, got {self.num_cross_attn_layers}")
-        if self.encoder == "random" and self.encoder_hidden_size % self.encoder_heads:
-            raise ConfigError(f"encoder_heads: {self.encoder_heads} does not divide encoder_hidden_size {self.encoder_hidden_size}")
+        if self.encoder == "random" and (problem := spec.problem(ENCODER_KEYS)):
+            raise ConfigError(problem)
+
+    def encoder_spec(self):
+        """The shape of an `encoder: random` (its layer count also serves `decoder-layers`)."""
+        from pipeline.model.encoder import EncoderSpec
+
+        return EncoderSpec(**{field: getattr(self, key) for field, key in ENCODER_KEYS.items()})
 
 
 def resolve_model_dir(path: str, key: str) -> Path:
@@ -105,9 +114,7 @@ def build_model(config: WarmupConfig):
                               f"{decoder.config.num_hidden_layers} layers")
         encoder = encoder_from_decoder_layers(decoder, config.encoder_layers)
     elif config.encoder == "random":
-        encoder_config = dict(hidden_size=config.encoder_hidden_size, intermediate_size=config.encoder_intermediate_size,
-                              num_hidden_layers=config.encoder_layers, num_attention_heads=config.encoder_heads,
-                              num_key_value_heads=config.encoder_heads)
+        encoder_config = config.encoder_spec().config_values()
     else:
         encoder = load_encoder(resolve_model_dir(config.encoder, "encoder"), attn_implementation=config.attn_implementation)
         if encoder.config.vocab_size <= decoder.config.vocab_size:
