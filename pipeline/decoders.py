@@ -4,6 +4,8 @@
 - `decoder_of`: the plain decoder inside a CEPE model (`model.decoder`), or the model itself.
 - `decoder_body` / `decoder_layers`: the module holding `embed_tokens`, `layers` and `norm`, and
   its layers, for a causal LM, its base model, or a CEPE model (its wrapped decoder's).
+- `check_pre_norm_layers`: whether every layer is the pre-norm attention/MLP form that CEPE's
+  layer forward (`pipeline/model/cepe.py`, `CrossAttentionLayerMixin`) re-implements.
 """
 
 from __future__ import annotations
@@ -36,3 +38,24 @@ def decoder_body(model: nn.Module) -> nn.Module:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a causal LM, of its base model, or of a CEPE model."""
     return decoder_body(model).layers
+
+
+# The submodules of a layer computing h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
+PRE_NORM_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def check_pre_norm_layers(model: nn.Module) -> None:
+    """A CepeError (one line) unless every decoder layer holds exactly the four parts of the
+    pre-norm form (besides a `cross_attn` already added): CEPE runs the layer as that form, so a
+    layer with more parts (Gemma-2's norms after attention and around the MLP, OLMo-2's post-norms,
+    dropout modules) or fewer (parallel attention and MLP) would run wrongly, not fail."""
+    decoder = decoder_of(model)
+    kind = getattr(getattr(decoder, "config", None), "model_type", None) or type(decoder).__name__
+    for i, layer in enumerate(decoder_layers(decoder)):
+        parts = {name for name, _ in layer.named_children()} - {"cross_attn"}
+        extra, missing = sorted(parts - set(PRE_NORM_PARTS)), sorted(set(PRE_NORM_PARTS) - parts)
+        if extra or missing:
+            found = "; ".join(s for s in (f"has {', '.join(extra)}" if extra else "",
+                                          f"lacks {', '.join(missing)}" if missing else "") if s)
+            raise CepeError(f"decoder: {kind} layers are not the pre-norm attention/MLP form CEPE wraps "
+                            f"({', '.join(PRE_NORM_PARTS)}): layer {i} {found}")

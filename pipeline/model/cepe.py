@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from pipeline.decoders import decoder_layers, is_cepe_model  # noqa: F401 (is_cepe_model: part of pipeline.model's API)
+from pipeline.decoders import check_pre_norm_layers, decoder_layers, is_cepe_model  # noqa: F401 (is_cepe_model: part of pipeline.model's API)
 from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask
 from pipeline.model.encoder import CepeEncoder, CepeEncoderConfig, build_encoder_config
 
@@ -180,7 +180,9 @@ def cross_attention_layer_class(base: type) -> type:
 
 
 def add_cross_attention(decoder: PreTrainedModel, config: CepeConfig) -> None:
-    """Give each chosen decoder layer a `cross_attn` sublayer (in place, weights random)."""
+    """Give each chosen decoder layer a `cross_attn` sublayer (in place, weights random); a decoder
+    whose layers are not the pre-norm form is refused first (`check_pre_norm_layers`)."""
+    check_pre_norm_layers(decoder)
     dconf = decoder.config
     econf = config.encoder_config
     head_dim = getattr(dconf, "head_dim", None) or dconf.hidden_size // dconf.num_attention_heads
