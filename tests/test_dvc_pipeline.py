@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config, read_params
+from pipeline.errors import CepeError
+from pipeline.profiles import render, use_profile
 from pipeline.stages.convert_decoder import ConvertConfig
 from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
@@ -49,27 +51,32 @@ STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encod
 DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler"}
 
 
-def _profile(name: str) -> Path:
-    return ROOT / "params" / f"{name}.yaml"
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """Every profile's params.yaml (params/base.yaml + its overlay), as `cepe use-profile` writes it."""
+    folder = tmp_path_factory.mktemp("profiles")
+    for name in PROFILES:
+        (folder / f"{name}.yaml").write_text(render(name, ROOT))
+    return folder
 
 
 def test_params_yaml_is_the_cpu_profile():
     # the committed default; after `cepe use-profile X` in a checkout, `cepe use-profile cpu` restores it
-    assert (ROOT / "params.yaml").read_text() == _profile("cpu").read_text(), "params.yaml is not params/cpu.yaml"
+    assert (ROOT / "params.yaml").read_text() == render("cpu", ROOT), "params.yaml is not the generated cpu profile"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_profile_loads_into_every_stage_config(profile):
-    params = read_params(_profile(profile))
+def test_profile_loads_into_every_stage_config(profile, rendered):
+    params = read_params(rendered / f"{profile}.yaml")
     assert set(SECTIONS) <= set(params), f"{profile}: missing sections {set(SECTIONS) - set(params)}"
     for section, cls in SECTIONS.items():
-        config = load_config(cls, section, _profile(profile))  # an unknown or mistyped key raises here
+        config = load_config(cls, section, rendered / f"{profile}.yaml")  # an unknown or mistyped key raises here
         assert getattr(config, "output", None) or section == "evaluate"
     assert isinstance(params["num_processes"], int) and params["num_processes"] >= 1
 
 
-def test_a_wrong_key_in_a_profile_is_rejected(tmp_path):
-    params = read_params(_profile("tiny"))
+def test_a_wrong_key_in_a_profile_is_rejected(tmp_path, rendered):
+    params = read_params(rendered / "tiny.yaml")
     params["train"]["lrr"] = 1e-4
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
@@ -82,9 +89,9 @@ def _model_dir(path: str) -> str:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_profile_wires_each_stage_to_the_outputs_it_reads(profile):
+def test_profile_wires_each_stage_to_the_outputs_it_reads(profile, rendered):
     """dvc.yaml's deps use the producing section's output; the consuming keys must name the same path."""
-    p = read_params(_profile(profile))
+    p = read_params(rendered / f"{profile}.yaml")
     decoder = p["convert"]["output"]
     assert p["pretrain_encoder"]["data"] == p["prepare_mlm"]["output"]
     assert p["pretrain_encoder"]["decoder"] == decoder
@@ -134,12 +141,13 @@ print(json.dumps(out))
 """
 
 
-def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
+def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path, rendered):
     """Every `${...}` in dvc.yaml exists in every profile (a missing key would break `dvc repro`)."""
     pytest.importorskip("dvc")
-    for rel in ("dvc.yaml", *(f"params/{p}.yaml" for p in PROFILES)):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
+    (tmp_path / "params").mkdir()
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    for p in PROFILES:  # the script below copies params/<profile>.yaml over params.yaml: the merged ones
+        shutil.copy(rendered / f"{p}.yaml", tmp_path / "params" / f"{p}.yaml")
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n    no_scm = true\n")
     proc = subprocess.run([sys.executable, "-c", RESOLVE, *PROFILES], cwd=tmp_path, capture_output=True, text=True)
@@ -148,13 +156,72 @@ def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
     assert graphs == {p: sorted(STAGES) for p in PROFILES}
 
 
-def test_use_profile_switches_params_yaml(tmp_path):
-    from pipeline.stages.profiles import use_profile
-
+def test_use_profile_switches_params_yaml(tmp_path, rendered):
     shutil.copytree(ROOT / "params", tmp_path / "params")
     (tmp_path / "params.yaml").write_text("stale: true\n")
-    use_profile("tiny", tmp_path)
-    assert (tmp_path / "params.yaml").read_text() == _profile("tiny").read_text()
+    use_profile("tiny", tmp_path, force=True)
+    assert (tmp_path / "params.yaml").read_text() == (rendered / "tiny.yaml").read_text()
+    assert (tmp_path / "params.yaml").read_text().startswith("# params.yaml: made by `cepe use-profile tiny` from "
+                                                             "params/base.yaml + params/tiny.yaml.")
+    use_profile("gpu", tmp_path)  # one profile's output is replaced by another's without --force
+    assert (tmp_path / "params.yaml").read_text() == (rendered / "gpu.yaml").read_text()
+
+
+def test_use_profile_keeps_a_hand_edited_params_yaml_without_force(tmp_path):
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    use_profile("cpu", tmp_path)
+    edited = (tmp_path / "params.yaml").read_text().replace("  max_steps: ", "  max_steps: 1", 1)
+    (tmp_path / "params.yaml").write_text(edited)
+    with pytest.raises(CepeError) as err:
+        use_profile("tiny", tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: differs from what every profile generates (edited by hand?); "
+                              "`cepe use-profile tiny --force` overwrites it")
+    assert (tmp_path / "params.yaml").read_text() == edited  # nothing lost
+    use_profile("tiny", tmp_path, force=True)
+    assert (tmp_path / "params.yaml").read_text() == render("tiny", tmp_path)
+
+
+def test_an_overlay_key_missing_from_base_is_refused(tmp_path):
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    overlay = tmp_path / "params" / "tiny.yaml"
+    overlay.write_text(overlay.read_text().replace("\ntrain:\n", "\ntrain:\n  new_knob: 3\n"))
+    with pytest.raises(CepeError, match=r"tiny\.yaml: train\.new_knob is not in .*base\.yaml \(add every key to base\.yaml first"):
+        use_profile("tiny", tmp_path)
+    assert not (tmp_path / "params.yaml").exists()
+    overlay.write_text(overlay.read_text() + "\ntrain:\n  lr: 1.0\n")  # a second train section
+    with pytest.raises(CepeError, match=r"tiny\.yaml line \d+: section train appears twice"):
+        use_profile("tiny", tmp_path)
+
+
+def test_base_holds_every_key_each_section_reads():
+    import dataclasses
+
+    from pipeline.stages.evaluate import unread_keys
+    from pipeline.stages.warmup import RANDOM_ENCODER_KEYS
+
+    base = read_params(ROOT / "params" / "base.yaml")
+    for section, cls in SECTIONS.items():
+        values = base[section]
+        unread: set[str] = set()
+        if cls is EvaluateConfig and section != "evaluate":  # `evaluate` serves `cepe evaluate --task ANY`
+            unread = set(unread_keys(values.get("task", "ppl")))
+        elif cls is WarmupConfig and values.get("encoder") != "random":
+            unread = set(RANDOM_ENCODER_KEYS)
+        missing = {f.name for f in dataclasses.fields(cls)} - unread - set(values)
+        assert not missing, f"params/base.yaml: section {section} lacks {sorted(missing)}"
+        assert not unread & set(values), f"params/base.yaml: section {section} shows keys it never reads"
+
+
+def test_overlays_hold_only_what_differs_from_base():
+    base = read_params(ROOT / "params" / "base.yaml")
+    for name in PROFILES:
+        overlay = read_params(ROOT / "params" / f"{name}.yaml")
+        for section, values in overlay.items():
+            if isinstance(values, dict):
+                same = [k for k, v in values.items() if base[section][k] == v]
+            else:
+                same = [section] if base[section] == values else []
+            assert not same, f"params/{name}.yaml repeats base.yaml's value of {section}: {same}"
 
 
 # --- the whole pipeline ----------------------------------------------------------------------

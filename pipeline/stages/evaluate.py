@@ -19,6 +19,18 @@ from pipeline.config import ConfigError, field, to_dict
 from pipeline.errors import CepeError
 
 TASKS = ("ppl", "longbench", "longbench-e", "zeroscrolls", "ruler")
+# Keys that only one task family reads; the others ignore them, so a params section for another
+# task leaves them out (params/base.yaml; the registry's section check allows it).
+TASK_ONLY_KEYS = {
+    "ppl": ("lengths", "decoder_len", "preset", "stride", "eval_window", "max_windows", "max_windows_per_doc",
+            "min_doc_tokens", "shard_split", "baselines"),
+    "ruler": ("ruler_lengths", "num_samples", "ruler_haystack"),
+}
+
+
+def unread_keys(task: str) -> frozenset[str]:
+    """The keys `task` never reads (those only another task family reads)."""
+    return frozenset(k for family, keys in TASK_ONLY_KEYS.items() if family != task for k in keys)
 
 
 @dataclass

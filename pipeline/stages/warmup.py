@@ -20,6 +20,8 @@ from pipeline.errors import CepeError
 from pipeline.train.loop import LoopOptions
 
 SPECIAL_ENCODERS = ("decoder-layers", "random")
+# Read only with `encoder: random`; a params section with another encoder leaves them out.
+RANDOM_ENCODER_KEYS = ("encoder_hidden_size", "encoder_intermediate_size", "encoder_heads")
 # EncoderSpec field -> this section's key (a random encoder keeps the spec's 512 positions).
 ENCODER_KEYS = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size",
                 "intermediate_size": "encoder_intermediate_size", "heads": "encoder_heads"}
