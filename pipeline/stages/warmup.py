@@ -12,12 +12,11 @@ starts from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
-from pipeline.train.loop import LoopOptions
+from pipeline.train.lm_stage import LmStageOptions, lm_task, resolve_model_dir
 
 SPECIAL_ENCODERS = ("decoder-layers", "random")
 # Read only with `encoder: random`; a params section with another encoder leaves them out.
@@ -25,21 +24,6 @@ RANDOM_ENCODER_KEYS = ("encoder_hidden_size", "encoder_intermediate_size", "enco
 # EncoderSpec field -> this section's key (a random encoder keeps the spec's 512 positions).
 ENCODER_KEYS = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size",
                 "intermediate_size": "encoder_intermediate_size", "heads": "encoder_heads"}
-
-
-@dataclass
-class LmStageOptions(LoopOptions):
-    """Options shared by the stages that train a CEPE model with the LM loss."""
-
-    attn_implementation: str = field("sdpa", help="Attention backend: sdpa, eager or flash_attention_2.")
-    train_encoder: bool = field(True, help="Train the encoder too (the paper does); cross-attention always trains.")
-    eval_last_tokens: int = field(256, help="Validation scores the last N tokens of each held-out window (at most window-1).")
-    save_decoder: bool = field(True, help="Write the frozen decoder's weights into model/ too (else model/ refers to its path).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eval_last_tokens < 1:
-            raise ConfigError(f"eval_last_tokens: expected an integer >= 1, got {self.eval_last_tokens}")
 
 
 @dataclass
@@ -82,21 +66,6 @@ class WarmupConfig(LmStageOptions):
         return EncoderSpec(**{field: getattr(self, key) for field, key in ENCODER_KEYS.items()})
 
 
-def resolve_model_dir(path: str, key: str) -> Path:
-    """A stage output directory or its `model/`: whichever holds a config.json."""
-    p = Path(path)
-    for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CepeError(f"{key}: {path} holds no saved model (no config.json there or in model/)")
-
-
-def eval_window(requested: int, window: int) -> int:
-    """The validation window: the last `requested` tokens, at most window - 1 (the first token of a
-    window has no prediction)."""
-    return max(1, min(requested, window - 1))
-
-
 def build_model(config: WarmupConfig):
     """The CEPE model of a warm-up: decoder (fp32, frozen) + encoder + initialised cross-attention."""
     import torch
@@ -129,24 +98,6 @@ def build_model(config: WarmupConfig):
         save_decoder=config.save_decoder)
     model.config.decoder_name_or_path = str(decoder_dir)
     return model
-
-
-def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context_masking: Any = None,
-            stage: str) -> Any:
-    """The loop task of an LM stage (warm-up and main training share it)."""
-    from pipeline.train.collate import LmCollator, manifest_value
-    from pipeline.train.loop import TrainTask
-    from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
-
-    window = int(manifest_value(train, "decoder_len", 0) or len(train[0]["input_ids"]))
-    last = eval_window(config.eval_last_tokens, window)
-    counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
-    return TrainTask(
-        model=model, train_data=train, collate=LmCollator(context_masking=context_masking),
-        compute_loss=causal_lm_loss, val_data=val, val_collate=LmCollator(eval_last=last),
-        eval_nll=eval_last_tokens_nll,
-        extra_metrics={"stage": stage, "eval_last_tokens": last, "decoder_len": window,
-                       **{f"params_{k}": v for k, v in counts.items()}})
 
 
 def run(config: WarmupConfig, resume: str | None = None) -> dict[str, Any]:
