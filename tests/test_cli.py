@@ -6,8 +6,9 @@ from click.testing import CliRunner
 
 from cepe_cli.main import COMMANDS, cli
 from pipeline import __version__
+from pipeline.stages import registry
 
-STAGES = ["prepare-data", "pretrain-encoder", "warmup", "train", "teacher-logits", "distill", "evaluate", "bench"]
+STAGES = [stage.command for stage in registry.STAGES]
 
 
 def test_help_lists_every_stage():

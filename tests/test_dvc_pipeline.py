@@ -19,35 +19,15 @@ import yaml
 from pipeline.config import ConfigError, load_config, read_params
 from pipeline.errors import CepeError
 from pipeline.profiles import render, use_profile
-from pipeline.stages.convert_decoder import ConvertConfig
-from pipeline.stages.distill import DistillConfig
-from pipeline.stages.evaluate import EvaluateConfig
-from pipeline.stages.prepare_data import PrepareConfig
-from pipeline.stages.pretrain_encoder import PretrainEncoderConfig
-from pipeline.stages.teacher_logits import TeacherLogitsConfig
+from pipeline.stages import registry
 from pipeline.stages.train import TrainConfig
-from pipeline.stages.warmup import WarmupConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("cpu", "tiny", "gpu", "paper")
 # params section -> the config it fills (every section a dvc stage reads, plus the hand-run ones)
-SECTIONS = {
-    "convert": ConvertConfig,
-    "prepare_mlm": PrepareConfig,
-    "prepare_warmup": PrepareConfig,
-    "prepare": PrepareConfig,
-    "pretrain_encoder": PretrainEncoderConfig,
-    "warmup": WarmupConfig,
-    "train": TrainConfig,
-    "teacher_logits": TeacherLogitsConfig,
-    "distill": DistillConfig,
-    "evaluate_ppl": EvaluateConfig,
-    "evaluate_ruler": EvaluateConfig,
-    "evaluate_longbench": EvaluateConfig,
-    "evaluate": EvaluateConfig,
-}
-STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
-          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ruler"]
+SECTIONS = {section: stage.config_class() for stage in registry.STAGES
+            for section in stage.sections + stage.hand_sections}
+STAGES = [name for stage in registry.STAGES for name in stage.dvc_stages]  # as DVC addresses them
 DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler"}
 
 
@@ -71,7 +51,7 @@ def test_profile_loads_into_every_stage_config(profile, rendered):
     assert set(SECTIONS) <= set(params), f"{profile}: missing sections {set(SECTIONS) - set(params)}"
     for section, cls in SECTIONS.items():
         config = load_config(cls, section, rendered / f"{profile}.yaml")  # an unknown or mistyped key raises here
-        assert getattr(config, "output", None) or section == "evaluate"
+        assert getattr(config, "output", None) or getattr(config, "output_dir", None) or section == "evaluate"
     assert isinstance(params["num_processes"], int) and params["num_processes"] >= 1
 
 
@@ -196,20 +176,107 @@ def test_an_overlay_key_missing_from_base_is_refused(tmp_path):
 def test_base_holds_every_key_each_section_reads():
     import dataclasses
 
-    from pipeline.stages.evaluate import unread_keys
-    from pipeline.stages.warmup import RANDOM_ENCODER_KEYS
-
     base = read_params(ROOT / "params" / "base.yaml")
-    for section, cls in SECTIONS.items():
-        values = base[section]
-        unread: set[str] = set()
-        if cls is EvaluateConfig and section != "evaluate":  # `evaluate` serves `cepe evaluate --task ANY`
-            unread = set(unread_keys(values.get("task", "ppl")))
-        elif cls is WarmupConfig and values.get("encoder") != "random":
-            unread = set(RANDOM_ENCODER_KEYS)
-        missing = {f.name for f in dataclasses.fields(cls)} - unread - set(values)
-        assert not missing, f"params/base.yaml: section {section} lacks {sorted(missing)}"
-        assert not unread & set(values), f"params/base.yaml: section {section} shows keys it never reads"
+    for stage in registry.STAGES:
+        for section in stage.sections + stage.hand_sections:
+            assert section in base, f"params/base.yaml: no section {section} ({stage.command} reads it)"
+            values = base[section]
+            unread = stage.unread_keys(section, values)
+            missing = {f.name for f in dataclasses.fields(stage.config_class())} - unread - set(values)
+            assert not missing, f"params/base.yaml: section {section} lacks {sorted(missing)}"
+            assert not unread & set(values), f"params/base.yaml: section {section} shows keys it never reads"
+    # the rule bites: a section without one of its keys, or showing one its task ignores, is caught
+    evaluate = registry.by_command("evaluate")
+    assert "lengths" in evaluate.unread_keys("evaluate_ruler", {"task": "ruler"})
+    assert not evaluate.unread_keys("evaluate", {"task": "ruler"})  # the hand-run section keeps all keys
+    assert "ruler_lengths" not in evaluate.unread_keys("evaluate_ruler", {"task": "ruler"})
+
+
+def _code_deps(stage: dict) -> set[str]:
+    return {d for d in stage.get("deps", []) if not str(d).startswith("${")}
+
+
+def test_dvc_code_deps_are_the_registrys():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = set()
+    for name, stage in dvc["stages"].items():
+        body = stage["do"] if "foreach" in stage else stage
+        entry = registry.by_dvc_stage(name)
+        declared.add(entry.command)
+        assert _code_deps(body) == set(entry.code_deps()), f"dvc.yaml stage {name}: code deps differ from the registry's"
+        for dep in entry.code_deps():
+            assert (ROOT / dep).exists(), f"registry: {entry.command} depends on {dep}, which does not exist"
+    assert declared == {s.command for s in registry.STAGES if s.dvc_stages}, "a registered stage has no dvc.yaml entry"
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(node.args[0].value)
+    return {n for n in names if n.split(".")[0] in ("pipeline", "cepe_cli")}
+
+
+def _module_file(name: str) -> Path | None:
+    for path in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _closure(module: str) -> set[str]:
+    """Every file of this repository a module imports, directly or not (function-level imports too)."""
+    seen: set[Path] = set()
+    todo = [_module_file(module)]
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path):
+            parts = name.split(".")
+            todo += [_module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def test_each_stage_imports_only_the_code_dvc_tracks_for_it():
+    """A stage module reaching code outside its declared deps would not re-run when that code
+    changes; a stage importing another stage is the same mistake (stages call library code)."""
+    for stage in registry.STAGES:
+        deps = stage.code_deps()
+        for path in sorted(_closure(stage.module)):
+            if path.endswith("__init__.py"):  # a package's face: its files are checked themselves
+                continue
+            assert path == stage.module_path() or not path.startswith("pipeline/stages/"), \
+                f"{stage.module_path()} imports another stage, {path}"
+            assert any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps), \
+                f"{stage.command}: imports {path}, which its dvc deps (pipeline/stages/registry.py) do not cover"
+        cli = _closure(stage.cli)
+        for path in sorted(p for p in cli if p.startswith("cepe_cli/") and not p.endswith(("__init__.py", "options.py"))):
+            assert path in deps, f"{stage.cli}: runs {path}, which its dvc deps do not list"
+
+
+def test_every_stage_has_its_command_config_and_run():
+    import importlib
+
+    for stage in registry.STAGES:
+        cli = importlib.import_module(stage.cli)
+        assert hasattr(cli, "command_" + stage.command.replace("-", "_")), stage.command
+        assert dataclasses_fields(stage.config_class()), stage.config
+        assert callable(stage.run_function()), stage.module
+
+
+def dataclasses_fields(cls: type) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(cls)
 
 
 def test_overlays_hold_only_what_differs_from_base():

@@ -28,7 +28,7 @@ TASK_ONLY_KEYS = {
 }
 
 
-def unread_keys(task: str) -> frozenset[str]:
+def keys_unread_by(task: str) -> frozenset[str]:
     """The keys `task` never reads (those only another task family reads)."""
     return frozenset(k for family, keys in TASK_ONLY_KEYS.items() if family != task for k in keys)
 
@@ -99,6 +99,11 @@ class EvaluateConfig:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if any(n < 64 for n in self.ruler_lengths):
             raise ConfigError(f"ruler_lengths: expected lengths of at least 64 tokens, got {self.ruler_lengths}")
+
+    @classmethod
+    def unread_keys(cls, values: dict[str, Any]) -> frozenset[str]:
+        """Keys a params section for `values["task"]` leaves out (pipeline/stages/registry.py)."""
+        return keys_unread_by(values.get("task", "ppl"))
 
     @property
     def output_dir(self) -> Path:

@@ -59,6 +59,11 @@ class WarmupConfig(LmStageOptions):
         if self.encoder == "random" and (problem := spec.problem(ENCODER_KEYS)):
             raise ConfigError(problem)
 
+    @classmethod
+    def unread_keys(cls, values: dict[str, Any]) -> frozenset[str]:
+        """Keys a params section leaves out unless its `encoder` is random (pipeline/stages/registry.py)."""
+        return frozenset() if values.get("encoder") == "random" else frozenset(RANDOM_ENCODER_KEYS)
+
     def encoder_spec(self):
         """The shape of an `encoder: random` (its layer count also serves `decoder-layers`)."""
         from pipeline.model.encoder import EncoderSpec
