@@ -336,3 +336,17 @@ def test_a_decoder_with_other_layer_norms_is_refused_in_one_line():
                        "self_attn, post_attention_layernorm, mlp): layer 0 has post_feedforward_layernorm, "
                        "pre_feedforward_layernorm")
     assert not any(hasattr(layer, "cross_attn") for layer in gemma2.model.layers)  # refused before any change
+
+
+def test_cross_attention_form_auto_passed_per_call_is_the_automatic_choice():
+    from pipeline.model.cross_attention import CepeCrossAttention
+
+    torch.manual_seed(0)
+    layer = CepeCrossAttention(32, 48, num_heads=4, head_dim=8, norm=torch.nn.RMSNorm(32), absorbed_min_context=16).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h, phi = torch.randn(1, 1, 32), torch.randn(1, 40, 48)
+    assert layer.choose_form(1, 40) == "absorbed"
+    with torch.no_grad():
+        assert torch.equal(layer(h, phi, form="auto"), layer(h, phi, form="absorbed"))
+        assert torch.equal(layer(h, phi), layer(h, phi, form="absorbed"))

@@ -147,7 +147,7 @@ class CepeCrossAttention(nn.Module):
             encoder_padding_mask = KeyMask.build(encoder_padding_mask)
         key_mask, keep_rows = encoder_padding_mask.key_mask, encoder_padding_mask.keep_rows
 
-        chosen = form or self.choose_form(q_len, ctx_len)
+        chosen = form if form not in (None, "auto") else self.choose_form(q_len, ctx_len)
         if chosen in ("absorbed", "absorbed_matmul"):
             out = self._absorbed(q, phi, key_mask, fused=chosen == "absorbed")
         else:
