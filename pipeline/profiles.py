@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -130,7 +129,3 @@ def use_profile(name: str, root: str | Path = ".", target: str = TARGET, force: 
     atomic_write_text(dest, text)
     return dest
 
-
-def merged_params(name: str, root: str | Path = ".") -> dict[str, Any]:
-    """Profile `name` as a mapping (what `read_params` gives for its params.yaml)."""
-    return yaml.safe_load(render(name, root))

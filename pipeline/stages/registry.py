@@ -110,14 +110,6 @@ def by_command(command: str) -> Stage:
     raise KeyError(command)
 
 
-def by_section(section: str) -> Stage:
-    """The stage that reads params section `section` (a DVC stage name, or a hand-run section)."""
-    for stage in STAGES:
-        if section in stage.sections or section in stage.hand_sections:
-            return stage
-    raise KeyError(section)
-
-
 def by_dvc_stage(name: str) -> Stage:
     """The stage a dvc.yaml stage runs (`evaluate` for every `evaluate@<task>`)."""
     for stage in STAGES:
