@@ -1,6 +1,6 @@
 """Where the version-5 one-pass absorbed decode kernel spent its time: its loop with parts removed.
 
-That kernel (online softmax; since replaced by `pipeline/model/absorbed_kernels.py`'s, which takes
+That kernel (online softmax; since replaced by `pipeline/fastdecode/absorbed_kernels.py`'s, which takes
 one softmax offset per context range) was slower than the two matmuls it would replace. This
 script times variants of its loop at LLaMA-2-7B decode shapes (32 absorbed queries of width 1024
 over 126,976 encoder states, bf16, batch 1), each from a CUDA graph:
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from pipeline.bench.device import cuda_graph_ms
-from pipeline.model import absorbed_decode
+from pipeline.fastdecode import absorbed_decode
 
 MODES = {"sel-dot": 7, "sel-dot-tf32": 8, "warp-sum": 0, "scores": 1, "values": 2, "no-sum": 3, "2d-scores": 5,
          "2d-scores-3d": 6}

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
 from pipeline.bench.device import cuda_graph_ms
-from pipeline.model import absorbed_decode
+from pipeline.fastdecode import absorbed_decode, settings, triton_support
 from pipeline.model.cross_attention import CepeCrossAttention
 
 # (BLOCK_M, BLOCK_S, BLOCK_E, num_warps, num_stages)
@@ -52,7 +51,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="126976,28672")
     ap.add_argument("--layer-only", action="store_true", help="skip the kernel configurations")
     args = ap.parse_args()
-    os.environ["CEPE_FUSED_DECODE"] = "1"
+    settings.configure(fused="on")
     dev, dt = torch.device("cuda"), torch.bfloat16
     heads, width, scale = 32, 1024, 128**-0.5
     rows = []
@@ -78,7 +77,7 @@ def main() -> None:
         for bm, bs, be, w, st in CONFIGS:
             cfg = dict(BLOCK_M=bm, BLOCK_S=bs, BLOCK_E=be, num_warps=w, num_stages=st)
             for waves in WAVES:
-                splits = absorbed_decode.num_splits(ctx, 1, -(-heads // bm), dev, waves=waves)
+                splits = triton_support.num_splits(ctx, 1, -(-heads // bm), dev, waves=waves)
                 note = ""
                 try:
                     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Two other layouts of the one-pass absorbed decode kernel, timed against the one decoding uses.
 
-`pipeline/model/absorbed_kernels.absorbed_partial` splits the encoder width E into one chunk per
+`pipeline/fastdecode/absorbed_kernels.absorbed_partial` splits the encoder width E into one chunk per
 warp; each tile's scores are the sum of the chunks' partial scores, so every tile needs two
 exchanges between warps (the partial scores, then the probabilities). Both variants here keep its
 arithmetic (one softmax offset per context range, a second pass if the scores stray) and change
@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from pipeline.bench.device import cuda_graph_ms
-from pipeline.model import absorbed_decode
-from pipeline.model.absorbed_kernels import MAX_DRIFT
+from pipeline.fastdecode import absorbed_decode, triton_support
+from pipeline.fastdecode.absorbed_kernels import MAX_DRIFT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def launcher(name: str, q: torch.Tensor, phi: torch.Tensor, scale: float, splits
     acc = torch.empty(1, splits, nq, e, device=q.device)
     top, total = torch.empty(1, splits, nq, device=q.device), torch.empty(1, splits, nq, device=q.device)
     grid = (splits, -(-nq // cfg["BLOCK_M"]))
-    args = (q[0], phi[0], acc, top, total, ctx, split_len, nq, scale * absorbed_decode.LOG2E, phi.stride(1))
+    args = (q[0], phi[0], acc, top, total, ctx, split_len, nq, scale * triton_support.LOG2E, phi.stride(1))
     if name == "transposed":
         def partial():
             transposed_partial[grid](*args, E=e, BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"],
@@ -242,7 +242,7 @@ def main() -> None:
         phi = torch.randn(1, ctx, width, device=dev, dtype=dt)
         ref = (torch.softmax((q[0].double() * scale) @ phi[0].double().T, -1) @ phi[0].double()).float()
         nbytes = phi.numel() * phi.element_size()
-        splits = absorbed_decode.num_splits(ctx, 1, 2, dev)
+        splits = triton_support.num_splits(ctx, 1, 2, dev)
         t = cuda_graph_ms(lambda: absorbed_decode.fused_attention(q, phi, None, scale=scale, splits=splits))
         print(f"\ncontext {ctx}: the decoding kernel {t * 1000:.1f} us ({nbytes / t / 1e9:.2f} TB/s), {splits} ranges")
         for name, configs in VARIANTS.items():
@@ -250,7 +250,7 @@ def main() -> None:
                 print("gluon: this Triton has no Gluon")
                 continue
             for cfg in configs:
-                ranges = absorbed_decode.num_splits(ctx, 1, -(-heads // cfg["BLOCK_M"]), dev)
+                ranges = triton_support.num_splits(ctx, 1, -(-heads // cfg["BLOCK_M"]), dev)
                 try:
                     run = launcher(name, q, phi, scale, ranges, cfg)
                     err = ((run().float()[0] - ref).norm() / ref.norm()).item()

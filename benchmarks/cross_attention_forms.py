@@ -2,7 +2,7 @@
 
 LLaMA-2-7B shapes (32 heads x 128, hidden 4096) over the paper's encoder width (1024), bf16.
 The absorbed form is timed with its fused one-pass decode kernel (`absorbed`: this script turns
-`CEPE_FUSED_DECODE` on; the kernel serves up to 64 queries) and as two matmuls (`absorbed_matmul`). For one query the
+the kernel forced on (`settings.configure(fused="on")`); the kernel serves up to 64 queries) and as two matmuls (`absorbed_matmul`). For one query the
 table also gives the bandwidth the layer reaches, counting the encoder states read once and the
 layer's weights. Prints a table; used to choose `absorbed_min_context` (cross_attention.py).
     PYTHONPATH=. python benchmarks/cross_attention_forms.py
@@ -10,16 +10,16 @@ layer's weights. Prints a table; used to choose `absorbed_min_context` (cross_at
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from pipeline.bench.device import cuda_median_ms as time_ms
+from pipeline.fastdecode import settings
 from pipeline.model.cross_attention import CepeCrossAttention
 
 
 def main() -> None:
-    os.environ["CEPE_FUSED_DECODE"] = "1"
+    settings.configure(fused="on")
     dev, dt = "cuda", torch.bfloat16
     norm = torch.nn.RMSNorm(4096).to(dev, dt)
     xattn = CepeCrossAttention(4096, 1024, 32, 128, norm).to(dev, dt)

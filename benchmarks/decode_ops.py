@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bench.device import cuda_graph_ms
-from pipeline.model import decode_ops
+from pipeline.fastdecode import decode_ops
 
 GEMV_CONFIGS = [(2, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3), (16, 256, 4, 1), (4, 1024, 8, 3)]
 KV_CONFIGS = [(64, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 4), (64, 4, 4, 2), (32, 4, 4, 2), (128, 4, 3, 2), (128, 8, 2, 2),

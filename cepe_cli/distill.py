@@ -1,4 +1,4 @@
-"""`cepe teacher-logits` and `cepe distill`: thin commands over pipeline.stages (CEPED, cepe-method.md 2.4).
+"""`cepe teacher-logits` and `cepe distill`: thin commands over pipeline.stages (CEPED, docs/method.md §2.4).
 
 `--teacher NAME|PATH` takes a model directory or a short name (an unknown name fails with the
 list of known ones); `cepe distill --teacher-mode online` runs the teacher in memory instead of

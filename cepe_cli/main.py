@@ -15,23 +15,12 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import CepeError
+from pipeline.stages.registry import STAGES, TOOLS
 
-# name -> (module, one-line help), in pipeline order.
+# name -> (module, one-line help): the stages in pipeline order (pipeline/stages/registry.py), then the tools.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("cepe_cli.prepare_data", "Filter, tokenize and chunk raw text into Arrow shards."),
-    "pretrain-encoder": ("cepe_cli.training", "Masked-LM pretraining of the CEPE encoder."),
-    "warmup": ("cepe_cli.training", "Warm-up: teach cross-attention to copy (duplicate inputs)."),
-    "train": ("cepe_cli.training", "Main CEPE training on prevdoc/concat windows."),
-    "teacher-logits": ("cepe_cli.distill", "Precompute the teacher's top-k probabilities (CEPED)."),
-    "distill": ("cepe_cli.distill", "CEPED: CE + KL(teacher || student) distillation."),
-    "evaluate": ("cepe_cli.evaluate", "Evaluate a model: ppl, longbench, zeroscrolls, ruler."),
-    "plots": ("cepe_cli.plots", "PNG/SVG figures of training and evaluation runs (offline)."),
-    "generate": ("cepe_cli.generate", "Generate from a trained CEPE model with long context, streamed."),
-    "serve": ("cepe_cli.serve", "OpenAI-compatible HTTP server with documents encoded once."),
-    "bench": ("cepe_cli.bench", "Memory and speed of CEPE against full attention."),
-    "bench-serve": ("cepe_cli.bench", "Serving benchmark: cached documents, time to first token, throughput."),
-    "convert-decoder": ("cepe_cli.convert", "Convert a decoder (e.g. the packaged SmolLM2 GGUF) to safetensors."),
-    "use-profile": ("cepe_cli.profiles", "Switch params.yaml to a profile: cpu, tiny, gpu, paper."),
+    **{stage.command: (stage.cli, stage.help) for stage in STAGES},
+    **TOOLS,
 }
 
 

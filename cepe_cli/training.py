@@ -115,7 +115,7 @@ def _runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_runtime_options
 @config_options(PretrainEncoderConfig, "pretrain_encoder")
 def command_pretrain_encoder(config: PretrainEncoderConfig, resume: str | None, num_processes: int | None) -> None:
-    """Masked-LM pretraining of the CEPE encoder (cepe-method.md 2.1)."""
+    """Masked-LM pretraining of the CEPE encoder (docs/method.md §2.1)."""
     from pipeline.stages.pretrain_encoder import run
 
     _run_stage(run, config, resume, num_processes)

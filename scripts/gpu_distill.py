@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CEPED on one GPU, end to end: teacher logits, warm-up, distillation, held-out comparison.
 
-Evidence for `cepe teacher-logits` + `cepe distill` (cepe-method.md 2.4) with SmolLM2-135M-Instruct
+Evidence for `cepe teacher-logits` + `cepe distill` (docs/method.md §2.4) with SmolLM2-135M-Instruct
 as the teacher *and* as the student's frozen decoder, on real text, in one run of under ten minutes:
 
 1. tokenize real text (the project's shared corpus: Austen, the King James Bible, the Advanced
@@ -130,7 +130,7 @@ def prevdoc_windows(streams: dict, n_chunks: int, chunk_len: int, decoder_len: i
 
 
 def duplicate_windows(streams: dict, length: int, n_chunks: int, limit: int) -> list[dict]:
-    """Warm-up windows (cepe-method.md 2.2): the encoder reads the decoder's own `length` tokens
+    """Warm-up windows (docs/method.md §2.2): the encoder reads the decoder's own `length` tokens
     as `n_chunks` chunks, so the loss can fall only through cross-attention."""
     out = []
     for s in streams.values():

@@ -15,7 +15,8 @@ import textwrap
 import pytest
 import torch
 
-from pipeline.model import absorbed_decode
+from pipeline.errors import CepeError
+from pipeline.fastdecode import absorbed_decode, settings, triton_support
 from pipeline.model.cross_attention import CepeCrossAttention
 
 
@@ -35,7 +36,7 @@ def torch_ranges(q, phi, mask, splits):
     mass = torch.full((bsz, splits, nq), float("-inf"), dtype=torch.float64)
     for j in range(splits):
         part = phi[:, j * size : (j + 1) * size].double()
-        scores = (q.double() @ part.transpose(1, 2)) * absorbed_decode.LOG2E
+        scores = (q.double() @ part.transpose(1, 2)) * triton_support.LOG2E
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, j * size : (j + 1) * size], float("-inf"))
         has_key = torch.isfinite(scores).any(-1)  # (B, M)
@@ -59,26 +60,36 @@ def check_partials(acc, offset, total, q, phi, mask, splits):
 def test_kernel_is_used_where_it_applies_and_pays(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     long, short = absorbed_decode.FUSED_MIN_CONTEXT, absorbed_decode.FUSED_MIN_CONTEXT - 1
-    monkeypatch.delenv("CEPE_FUSED_DECODE", raising=False)
+    monkeypatch.setattr(settings, "_CURRENT", settings.DecodeSettings())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not absorbed_decode.usable(cpu, 32, long)  # no GPU
     assert not absorbed_decode.usable(gpu, absorbed_decode.MAX_QUERIES + 1, long)  # many queries: matmuls
     assert not absorbed_decode.usable(gpu, 32, short)  # a short context: the matmuls are as fast
     with torch.enable_grad():
         assert not absorbed_decode.usable(gpu, 32, long, requires_grad=True)  # no backward in the kernel
-    triton = absorbed_decode.triton_available()
+    triton = triton_support.triton_available()
     assert absorbed_decode.usable(gpu, 32, long) == triton  # the default on a GPU over a long context
-    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
-    assert absorbed_decode.usable(gpu, 32, short) == triton  # forced on
-    assert not absorbed_decode.usable(cpu, 32, long)
-    monkeypatch.setenv("CEPE_FUSED_DECODE", "0")
-    assert not absorbed_decode.usable(gpu, 32, long)  # forced off
+    with settings.using(fused="on"):
+        assert absorbed_decode.usable(gpu, 32, short) == triton  # forced on
+        assert not absorbed_decode.usable(cpu, 32, long)
+    with settings.using(fused="off"):
+        assert not absorbed_decode.usable(gpu, 32, long)  # forced off
+    assert absorbed_decode.usable(gpu, 32, long) == triton  # restored after the block
+
+
+def test_environment_sets_the_default_once():
+    assert settings.from_environment({"CEPE_FUSED_DECODE": "1"}) == settings.DecodeSettings(fused="on")
+    assert settings.from_environment({"CEPE_FUSED_DECODE": "0", "CEPE_DECODE_KERNELS": "0"}) == \
+        settings.DecodeSettings(fused="off", kernels=False)
+    assert settings.from_environment({"CEPE_FUSED_DECODE": "yes"}) == settings.DecodeSettings()
+    with pytest.raises(CepeError, match="fused decode: expected one of auto, on, off"):
+        settings.configure(fused="always")
 
 
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from pipeline.model import absorbed_decode
+    from pipeline.fastdecode import absorbed_decode
     from tests.test_absorbed_decode import check_partials, reference
     torch.manual_seed(0)
     # (B, M, S, E, masked, splits, rise): several ranges, a partial last tile, E not a power of two,
@@ -121,7 +132,7 @@ INTERPRETED = textwrap.dedent(
 
 # The interpreter is the CPU stand-in; where a GPU is present the compiled kernel is tested below
 # (Triton 3.6's interpreter also fails on numpy 2.5 before reaching the kernel's arithmetic).
-@pytest.mark.skipif(not absorbed_decode.triton_available() or torch.cuda.is_available(),
+@pytest.mark.skipif(not triton_support.triton_available() or torch.cuda.is_available(),
                     reason="needs Triton and no GPU (the GPU tests cover the compiled kernel)")
 def test_kernel_under_triton_interpreter_matches_reference():
     env = dict(os.environ, TRITON_INTERPRET="1", CEPE_FUSED_DECODE="1")
@@ -131,7 +142,7 @@ def test_kernel_under_triton_interpreter_matches_reference():
 
 
 needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and absorbed_decode.triton_available()), reason="needs CUDA and Triton"
+    not (torch.cuda.is_available() and triton_support.triton_available()), reason="needs CUDA and Triton"
 )
 
 
@@ -139,7 +150,7 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("enc_width", [1024, 576])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_decode_equals_matmul_path_on_gpu(enc_width, padded, monkeypatch):
-    monkeypatch.setenv("CEPE_FUSED_DECODE", "1")
+    monkeypatch.setattr(settings, "_CURRENT", settings.DecodeSettings(fused="on"))
     torch.manual_seed(0)
     dev = torch.device("cuda")
     norm = torch.nn.RMSNorm(512, eps=1e-5)

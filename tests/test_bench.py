@@ -48,7 +48,7 @@ def test_presets_are_the_papers_models():
     assert dec.params == 6_738_415_616  # LLaMA-2-7B
     assert (enc.layers, enc.hidden, enc.heads, enc.ffn, enc.vocab) == (24, 1024, 16, 4096, 32001)
     assert enc.params == 435_472_384  # "435M"
-    # 1.342B of cross-attention in 32 layers (cepe-method.md 1.3)
+    # 1.342B of cross-attention in 32 layers (docs/method.md §1.3)
     assert costs.cross_attention_params(dec, enc) == pytest.approx(1.342e9, rel=1e-3)
 
 
@@ -196,7 +196,7 @@ def _static_equals_plain(side, name, compile_step=False):
 @pytest.mark.parametrize("name", ["full", "cepe"])
 def test_packed_sides_decode_as_the_plain_loop(name):
     """`pack_decoder`: a side packed for decoding still generates its plain loop's tokens."""
-    from pipeline.model.decode_packing import pack_for_decoding
+    from pipeline.fastdecode.decode_packing import pack_for_decoding
 
     side = _tiny_side(name)
     assert pack_for_decoding(side.model)["attention"] == costs.Shape.of(decoder_config("tiny")).layers

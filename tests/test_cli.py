@@ -6,8 +6,9 @@ from click.testing import CliRunner
 
 from cepe_cli.main import COMMANDS, cli
 from pipeline import __version__
+from pipeline.stages import registry
 
-STAGES = ["prepare-data", "pretrain-encoder", "warmup", "train", "teacher-logits", "distill", "evaluate", "bench"]
+STAGES = [stage.command for stage in registry.STAGES]
 
 
 def test_help_lists_every_stage():
@@ -39,3 +40,20 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
 def test_unknown_override_key(tmp_path):
     result = CliRunner().invoke(cli, ["convert-decoder", "-S", "convert.dtipe=float32"])
     assert result.exit_code == 2 and "convert.dtipe: unknown key" in result.output
+
+
+def test_use_profile_refuses_a_hand_edited_params_yaml_in_one_line(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "params", tmp_path / "params")
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n")  # a user's own settings
+    result = CliRunner().invoke(cli, ["use-profile", "tiny", "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'params.yaml'}: differs from what every profile generates (edited by hand?); "
+        "`cepe use-profile tiny --force` overwrites it"]
+    assert (tmp_path / "params.yaml").read_text() == "train:\n  lr: 0.1\n"
+    result = CliRunner().invoke(cli, ["use-profile", "tiny", "--root", str(tmp_path), "--force"])
+    assert result.exit_code == 0 and "now profile 'tiny'" in result.output

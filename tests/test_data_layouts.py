@@ -1,4 +1,4 @@
-"""Layouts produce exactly the token windows cepe-method.md §3 describes (hand-checked)."""
+"""Layouts produce exactly the token windows docs/method.md §3 describes (hand-checked)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data import build as data_build
 from pipeline.errors import CepeError
-from pipeline.stages import prepare_data
 from pipeline.stages.prepare_data import PrepareConfig, run
 
 SMALL = dict(decoder_len=8, n_chunks=2, chunk_len=4, num_proc=1, layout="concat", splits={"train": 1.0})
@@ -142,7 +142,7 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path, monkeypatch, num_proc):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(good_lines(40)) + "\n")
     calls = {"n": 0}
-    real_push = prepare_data._SplitAssembler.push
+    real_push = data_build._SplitAssembler.push
 
     def interrupted(self, doc, tokens):
         calls["n"] += 1
@@ -150,7 +150,7 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path, monkeypatch, num_proc):
             raise KeyboardInterrupt
         return real_push(self, doc, tokens)
 
-    monkeypatch.setattr(prepare_data._SplitAssembler, "push", interrupted)
+    monkeypatch.setattr(data_build._SplitAssembler, "push", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path, [str(good)], num_proc=num_proc, shard_size_mb=0.0005)
     assert calls["n"] == 20

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import decode_ops
+from pipeline.fastdecode import decode_ops, settings, triton_support
+from pipeline.fastdecode.decode_packing import DecodeLinear, pack_for_decoding, unpack_for_decoding
 from pipeline.model.cepe import CACHE_KW
-from pipeline.model.decode_packing import DecodeLinear, pack_for_decoding, unpack_for_decoding
 from tests.conftest import tiny_cepe, tiny_decoder
 
 
@@ -92,8 +92,9 @@ def test_off_a_gpu_every_entry_point_is_the_torch_computation(monkeypatch):
     got, _ = decode_ops.attention_forward(module, query, key, value, mask, scaling=0.25)
     want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert torch.equal(got, want)
-    monkeypatch.setenv("CEPE_DECODE_KERNELS", "0")
-    assert not decode_ops.enabled()
+    with settings.using(kernels=False):
+        assert not decode_ops.enabled()
+    assert decode_ops.enabled()
 
 
 def test_cepe_decode_attention_generates_as_sdpa():
@@ -109,7 +110,7 @@ KERNELS = textwrap.dedent(
     """
     import torch
     import torch.nn.functional as F
-    from pipeline.model import decode_ops
+    from pipeline.fastdecode import decode_ops
     torch.manual_seed(0)
 
     def close(got, want, tol=1e-4):
@@ -148,7 +149,7 @@ KERNELS = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not decode_ops.triton_available() or torch.cuda.is_available(),
+@pytest.mark.skipif(not triton_support.triton_available() or torch.cuda.is_available(),
                     reason="needs Triton and no GPU (the GPU test covers the compiled kernels)")
 def test_kernels_under_triton_interpreter_match_references():
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -157,7 +158,7 @@ def test_kernels_under_triton_interpreter_match_references():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and decode_ops.triton_available()), reason="needs CUDA and Triton")
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_support.triton_available()), reason="needs CUDA and Triton")
 
 
 @needs_gpu

@@ -175,7 +175,7 @@ def test_cli_unknown_teacher_lists_known_names(tmp_path, monkeypatch):
 
 def test_teacher_with_another_tokenizer_is_refused(world, tmp_path):
     from pipeline.data.tokenize import load_tokenizer, tokenizer_hash
-    from pipeline.stages.teacher_logits import check_tokenizer
+    from pipeline.train.teacher_setup import check_tokenizer
     from pipeline.train.teacher import resolve_teacher
 
     teacher_dir = tmp_path / "teacher"

@@ -17,61 +17,46 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config, read_params
-from pipeline.stages.convert_decoder import ConvertConfig
-from pipeline.stages.distill import DistillConfig
-from pipeline.stages.evaluate import EvaluateConfig
-from pipeline.stages.plots import PlotsConfig
-from pipeline.stages.prepare_data import PrepareConfig
-from pipeline.stages.pretrain_encoder import PretrainEncoderConfig
-from pipeline.stages.teacher_logits import TeacherLogitsConfig
+from pipeline.errors import CepeError
+from pipeline.profiles import render, use_profile
+from pipeline.stages import registry
 from pipeline.stages.train import TrainConfig
-from pipeline.stages.warmup import WarmupConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("cpu", "tiny", "gpu", "paper")
 # params section -> the config it fills (every section a dvc stage reads, plus the hand-run ones)
-SECTIONS = {
-    "convert": ConvertConfig,
-    "prepare_mlm": PrepareConfig,
-    "prepare_warmup": PrepareConfig,
-    "prepare": PrepareConfig,
-    "pretrain_encoder": PretrainEncoderConfig,
-    "warmup": WarmupConfig,
-    "train": TrainConfig,
-    "teacher_logits": TeacherLogitsConfig,
-    "distill": DistillConfig,
-    "evaluate_ppl": EvaluateConfig,
-    "evaluate_ruler": EvaluateConfig,
-    "evaluate_longbench": EvaluateConfig,
-    "evaluate": EvaluateConfig,
-    "plots": PlotsConfig,
-}
-STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
-          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ruler", "plots"]
+SECTIONS = {section: stage.section_config(section) for stage in registry.STAGES
+            for section in stage.sections + stage.hand_sections}
+STAGES = [name for stage in registry.STAGES for name in stage.dvc_stages]  # as DVC addresses them
 DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler", "plots"}
 
 
-def _profile(name: str) -> Path:
-    return ROOT / "params" / f"{name}.yaml"
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """Every profile's params.yaml (params/base.yaml + its overlay), as `cepe use-profile` writes it."""
+    folder = tmp_path_factory.mktemp("profiles")
+    for name in PROFILES:
+        (folder / f"{name}.yaml").write_text(render(name, ROOT))
+    return folder
 
 
 def test_params_yaml_is_the_cpu_profile():
     # the committed default; after `cepe use-profile X` in a checkout, `cepe use-profile cpu` restores it
-    assert (ROOT / "params.yaml").read_text() == _profile("cpu").read_text(), "params.yaml is not params/cpu.yaml"
+    assert (ROOT / "params.yaml").read_text() == render("cpu", ROOT), "params.yaml is not the generated cpu profile"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_profile_loads_into_every_stage_config(profile):
-    params = read_params(_profile(profile))
+def test_profile_loads_into_every_stage_config(profile, rendered):
+    params = read_params(rendered / f"{profile}.yaml")
     assert set(SECTIONS) <= set(params), f"{profile}: missing sections {set(SECTIONS) - set(params)}"
     for section, cls in SECTIONS.items():
-        config = load_config(cls, section, _profile(profile))  # an unknown or mistyped key raises here
-        assert getattr(config, "output", None) or section == "evaluate"
+        config = load_config(cls, section, rendered / f"{profile}.yaml")  # an unknown or mistyped key raises here
+        assert getattr(config, "output", None) or getattr(config, "output_dir", None) or section in ("evaluate", "generate", "serve")
     assert isinstance(params["num_processes"], int) and params["num_processes"] >= 1
 
 
-def test_a_wrong_key_in_a_profile_is_rejected(tmp_path):
-    params = read_params(_profile("tiny"))
+def test_a_wrong_key_in_a_profile_is_rejected(tmp_path, rendered):
+    params = read_params(rendered / "tiny.yaml")
     params["train"]["lrr"] = 1e-4
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
@@ -84,9 +69,9 @@ def _model_dir(path: str) -> str:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_profile_wires_each_stage_to_the_outputs_it_reads(profile):
+def test_profile_wires_each_stage_to_the_outputs_it_reads(profile, rendered):
     """dvc.yaml's deps use the producing section's output; the consuming keys must name the same path."""
-    p = read_params(_profile(profile))
+    p = read_params(rendered / f"{profile}.yaml")
     decoder = p["convert"]["output"]
     assert p["pretrain_encoder"]["data"] == p["prepare_mlm"]["output"]
     assert p["pretrain_encoder"]["decoder"] == decoder
@@ -139,12 +124,13 @@ print(json.dumps(out))
 """
 
 
-def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
+def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path, rendered):
     """Every `${...}` in dvc.yaml exists in every profile (a missing key would break `dvc repro`)."""
     pytest.importorskip("dvc")
-    for rel in ("dvc.yaml", *(f"params/{p}.yaml" for p in PROFILES)):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
+    (tmp_path / "params").mkdir()
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    for p in PROFILES:  # the script below copies params/<profile>.yaml over params.yaml: the merged ones
+        shutil.copy(rendered / f"{p}.yaml", tmp_path / "params" / f"{p}.yaml")
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n    no_scm = true\n")
     proc = subprocess.run([sys.executable, "-c", RESOLVE, *PROFILES], cwd=tmp_path, capture_output=True, text=True)
@@ -153,13 +139,159 @@ def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
     assert graphs == {p: sorted(STAGES) for p in PROFILES}
 
 
-def test_use_profile_switches_params_yaml(tmp_path):
-    from pipeline.stages.profiles import use_profile
-
+def test_use_profile_switches_params_yaml(tmp_path, rendered):
     shutil.copytree(ROOT / "params", tmp_path / "params")
     (tmp_path / "params.yaml").write_text("stale: true\n")
-    use_profile("tiny", tmp_path)
-    assert (tmp_path / "params.yaml").read_text() == _profile("tiny").read_text()
+    use_profile("tiny", tmp_path, force=True)
+    assert (tmp_path / "params.yaml").read_text() == (rendered / "tiny.yaml").read_text()
+    assert (tmp_path / "params.yaml").read_text().startswith("# params.yaml: made by `cepe use-profile tiny` from "
+                                                             "params/base.yaml + params/tiny.yaml.")
+    use_profile("gpu", tmp_path)  # one profile's output is replaced by another's without --force
+    assert (tmp_path / "params.yaml").read_text() == (rendered / "gpu.yaml").read_text()
+
+
+def test_use_profile_keeps_a_hand_edited_params_yaml_without_force(tmp_path):
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    use_profile("cpu", tmp_path)
+    edited = (tmp_path / "params.yaml").read_text().replace("  max_steps: ", "  max_steps: 1", 1)
+    (tmp_path / "params.yaml").write_text(edited)
+    with pytest.raises(CepeError) as err:
+        use_profile("tiny", tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: differs from what every profile generates (edited by hand?); "
+                              "`cepe use-profile tiny --force` overwrites it")
+    assert (tmp_path / "params.yaml").read_text() == edited  # nothing lost
+    use_profile("tiny", tmp_path, force=True)
+    assert (tmp_path / "params.yaml").read_text() == render("tiny", tmp_path)
+
+
+def test_an_overlay_key_missing_from_base_is_refused(tmp_path):
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    overlay = tmp_path / "params" / "tiny.yaml"
+    overlay.write_text(overlay.read_text().replace("\ntrain:\n", "\ntrain:\n  new_knob: 3\n"))
+    with pytest.raises(CepeError, match=r"tiny\.yaml: train\.new_knob is not in .*base\.yaml \(add every key to base\.yaml first"):
+        use_profile("tiny", tmp_path)
+    assert not (tmp_path / "params.yaml").exists()
+    overlay.write_text(overlay.read_text() + "\ntrain:\n  lr: 1.0\n")  # a second train section
+    with pytest.raises(CepeError, match=r"tiny\.yaml line \d+: section train appears twice"):
+        use_profile("tiny", tmp_path)
+
+
+def test_base_holds_every_key_each_section_reads():
+    import dataclasses
+
+    base = read_params(ROOT / "params" / "base.yaml")
+    for stage in registry.STAGES:
+        for section in stage.sections + stage.hand_sections:
+            assert section in base, f"params/base.yaml: no section {section} ({stage.command} reads it)"
+            values = base[section]
+            unread = stage.unread_keys(section, values)
+            missing = {f.name for f in dataclasses.fields(stage.section_config(section))} - unread - set(values)
+            assert not missing, f"params/base.yaml: section {section} lacks {sorted(missing)}"
+            assert not unread & set(values), f"params/base.yaml: section {section} shows keys it never reads"
+    # the rule bites: a section without one of its keys, or showing one its task ignores, is caught
+    evaluate = registry.by_command("evaluate")
+    assert "lengths" in evaluate.unread_keys("evaluate_ruler", {"task": "ruler"})
+    assert not evaluate.unread_keys("evaluate", {"task": "ruler"})  # the hand-run section keeps all keys
+    assert "ruler_lengths" not in evaluate.unread_keys("evaluate_ruler", {"task": "ruler"})
+
+
+def _code_deps(stage: dict) -> set[str]:
+    return {d for d in stage.get("deps", []) if not str(d).startswith("${")}
+
+
+def test_dvc_code_deps_are_the_registrys():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = set()
+    for name, stage in dvc["stages"].items():
+        body = stage["do"] if "foreach" in stage else stage
+        entry = registry.by_dvc_stage(name)
+        declared.add(entry.command)
+        assert _code_deps(body) == set(entry.code_deps()), f"dvc.yaml stage {name}: code deps differ from the registry's"
+        for dep in entry.code_deps():
+            assert (ROOT / dep).exists(), f"registry: {entry.command} depends on {dep}, which does not exist"
+    assert declared == {s.command for s in registry.STAGES if s.dvc_stages}, "a registered stage has no dvc.yaml entry"
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(node.args[0].value)
+    return {n for n in names if n.split(".")[0] in ("pipeline", "cepe_cli")}
+
+
+def _module_file(name: str) -> Path | None:
+    for path in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _closure(module: str) -> set[str]:
+    """Every file of this repository a module imports, directly or not (function-level imports too)."""
+    seen: set[Path] = set()
+    todo = [_module_file(module)]
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path):
+            parts = name.split(".")
+            todo += [_module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def test_each_stage_imports_only_the_code_dvc_tracks_for_it():
+    """A stage module reaching code outside its declared deps would not re-run when that code
+    changes; a stage importing another stage is the same mistake (stages call library code)."""
+    for stage in registry.STAGES:
+        deps = stage.code_deps()
+        for path in sorted(_closure(stage.module)):
+            if path.endswith("__init__.py"):  # a package's face: its files are checked themselves
+                continue
+            assert path == stage.module_path() or not path.startswith("pipeline/stages/"), \
+                f"{stage.module_path()} imports another stage, {path}"
+            assert any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps), \
+                f"{stage.command}: imports {path}, which its dvc deps (pipeline/stages/registry.py) do not cover"
+        cli = _closure(stage.cli)
+        for path in sorted(p for p in cli if p.startswith("cepe_cli/") and not p.endswith(("__init__.py", "options.py"))):
+            assert path in deps, f"{stage.cli}: runs {path}, which its dvc deps do not list"
+
+
+def test_every_stage_has_its_command_config_and_run():
+    import importlib
+
+    for stage in registry.STAGES:
+        cli = importlib.import_module(stage.cli)
+        assert hasattr(cli, "command_" + stage.command.replace("-", "_")), stage.command
+        assert dataclasses_fields(stage.config_class()), stage.config
+        assert callable(stage.run_function()), stage.module
+
+
+def dataclasses_fields(cls: type) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(cls)
+
+
+def test_overlays_hold_only_what_differs_from_base():
+    base = read_params(ROOT / "params" / "base.yaml")
+    for name in PROFILES:
+        overlay = read_params(ROOT / "params" / f"{name}.yaml")
+        for section, values in overlay.items():
+            if isinstance(values, dict):
+                same = [k for k, v in values.items() if base[section][k] == v]
+            else:
+                same = [section] if base[section] == values else []
+            assert not same, f"params/{name}.yaml repeats base.yaml's value of {section}: {same}"
 
 
 # --- the whole pipeline ----------------------------------------------------------------------

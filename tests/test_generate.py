@@ -142,10 +142,10 @@ def test_a_directory_without_tokenizer_or_of_another_kind_is_refused(model_dir, 
 
 
 def test_training_stages_save_tokenizer_and_geometry(tmp_path):
-    """The loop's save hook of every stage (pipeline/stages/model_output.py) on a dataset whose
+    """The loop's save hook of every stage (pipeline/train/model_output.py) on a dataset whose
     manifest names the embedded tokenizer."""
     from pipeline.data.tokenize import load_tokenizer, tokenizer_info
-    from pipeline.stages.model_output import model_saver
+    from pipeline.train.model_output import model_saver
 
     from conftest import tiny_cepe
 
@@ -176,7 +176,7 @@ def test_training_stages_save_tokenizer_and_geometry(tmp_path):
 
     Shards.manifest["tokenizer"] = dict(Shards.manifest["tokenizer"], sha256="0" * 64)
     with pytest.raises(CepeError, match="the shards were made with 000000000000"):
-        from pipeline.stages.model_output import manifest_tokenizer
+        from pipeline.train.model_output import manifest_tokenizer
 
         manifest_tokenizer(Shards.manifest, "data/x")
 

@@ -294,3 +294,59 @@ def test_encoder_from_decoder_layers():
     model = CepeForCausalLM.from_decoder(decoder, encoder=encoder, init_mode="copy")
     ids, enc = _inputs()
     assert torch.isfinite(model(ids, encoder_input_ids=enc).logits).all()
+
+
+def test_encoder_spec_states_the_paper_shape_and_names_the_users_option():
+    from pipeline.model import PAPER_ENCODER, EncoderSpec
+
+    values = EncoderSpec().config_values()
+    assert values == {k: PAPER_ENCODER[k] for k in values}
+    names = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size", "heads": "encoder_heads"}
+    assert EncoderSpec(hidden_size=10, heads=3).problem(names) == "encoder_heads: 3 does not divide encoder_hidden_size 10"
+    assert EncoderSpec(hidden_size=10, heads=3).problem(names, divisible=False) is None
+    assert EncoderSpec(layers=0).problem(names) == "encoder_layers: expected an integer >= 1, got 0"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_supported_families_have_the_pre_norm_layer_form(family):
+    from pipeline.decoders import check_pre_norm_layers
+
+    decoder = tiny_decoder(family)
+    check_pre_norm_layers(decoder)  # no error: the form CEPE's layer forward runs
+    model = tiny_cepe(decoder)
+    check_pre_norm_layers(model)  # the wrapped layers too (their cross_attn aside)
+    ids = torch.randint(3, 100, (1, 7))
+    with torch.no_grad():  # zero init: the wrapped layer forward is the family's own
+        torch.testing.assert_close(model(ids, encoder_input_ids=torch.randint(3, 100, (1, 2, 8))).logits,
+                                   decoder(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_with_other_layer_norms_is_refused_in_one_line():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from pipeline.errors import CepeError
+
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    with pytest.raises(CepeError) as err:
+        tiny_cepe(gemma2)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == ("decoder: gemma2 layers are not the pre-norm attention/MLP form CEPE wraps (input_layernorm, "
+                       "self_attn, post_attention_layernorm, mlp): layer 0 has post_feedforward_layernorm, "
+                       "pre_feedforward_layernorm")
+    assert not any(hasattr(layer, "cross_attn") for layer in gemma2.model.layers)  # refused before any change
+
+
+def test_cross_attention_form_auto_passed_per_call_is_the_automatic_choice():
+    from pipeline.model.cross_attention import CepeCrossAttention
+
+    torch.manual_seed(0)
+    layer = CepeCrossAttention(32, 48, num_heads=4, head_dim=8, norm=torch.nn.RMSNorm(32), absorbed_min_context=16).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h, phi = torch.randn(1, 1, 32), torch.randn(1, 40, 48)
+    assert layer.choose_form(1, 40) == "absorbed"
+    with torch.no_grad():
+        assert torch.equal(layer(h, phi, form="auto"), layer(h, phi, form="absorbed"))
+        assert torch.equal(layer(h, phi), layer(h, phi, form="absorbed"))

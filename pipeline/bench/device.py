@@ -20,21 +20,6 @@ import torch
 GB = 1e9
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import CepeError
-
-        raise CepeError(f"bench.device: {name!r} requested but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
 @contextlib.contextmanager
 def building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Create modules directly on `device` in `dtype`: a random 7B model is initialised on the

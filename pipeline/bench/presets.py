@@ -2,7 +2,7 @@
 
 The benchmark measures speed and memory, which depend on the shapes only, so it never needs
 real weights: `llama-2-7b` and `cepe-435m` are the paper's decoder and encoder
-(cepe-method.md 1.1), `tiny` pairs run in seconds on a CPU (tests, CI), and `smollm2-135m` is
+(docs/method.md §1.1), `tiny` pairs run in seconds on a CPU (tests, CI), and `smollm2-135m` is
 the packaged real decoder's shape. A path instead of a name reads a `config.json` (or a model
 directory's) and builds that shape.
 """
@@ -79,10 +79,11 @@ DECODER_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Fields of `pipeline.model.EncoderSpec` (the shape of a fresh encoder) per preset.
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's MLM encoder (hyen/LLaMA-MLM-Large): 24 layers, 1024 wide, 16 heads, FFN 4096.
-    "cepe-435m": {},  # = pipeline.model.PAPER_ENCODER
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "cepe-435m": {},  # = EncoderSpec() = pipeline.model.PAPER_ENCODER's shape
+    "tiny": dict(layers=2, hidden_size=32, intermediate_size=64, heads=4),
 }
 
 
@@ -123,10 +124,10 @@ def decoder_config(spec: str) -> Any:
 
 def encoder_config(spec: str, decoder_vocab_size: int) -> Any:
     """An encoder config over the decoder's vocabulary (+ [MASK]) from a preset or a config path."""
-    from pipeline.model import build_encoder_config
+    from pipeline.model import EncoderSpec, build_encoder_config
 
     if spec in ENCODER_PRESETS:
-        config = build_encoder_config(decoder_vocab_size, **copy.deepcopy(ENCODER_PRESETS[spec]))
+        config = build_encoder_config(decoder_vocab_size, **EncoderSpec(**ENCODER_PRESETS[spec]).config_values())
     else:
         values = _read_config_dict(spec, "encoder")
         if values.get("model_type") == "cepe":

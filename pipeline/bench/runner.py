@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 
 from pipeline.bench import decode
-from pipeline.bench.device import GB, Clock, Memory, attempt, describe, error_text, is_oom, measure_ceilings, release, resolve_device, resolve_dtype
+from pipeline.bench.device import GB, Clock, Memory, attempt, describe, error_text, is_oom, measure_ceilings, release
 from pipeline.bench.costs import Shape
 from pipeline.bench.split import Split
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import CepeError
 
 DECODE_WARMUP = 2  # eager steps before a CUDA graph is captured
@@ -55,8 +56,8 @@ class Runner:
         from pipeline.bench import presets
 
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device, option="bench.device")
+        self.dtype = resolve_dtype(config.dtype, self.device, option="bench.dtype")
         self.clock = Clock(self.device)
         self.memory = Memory(self.device)
         self.t0 = time.perf_counter()
@@ -152,7 +153,7 @@ class Runner:
                 compile_encoder=cfg.compile_encoder,
             )
         if cfg.pack_decoder:
-            from pipeline.model.decode_packing import pack_for_decoding
+            from pipeline.fastdecode.decode_packing import pack_for_decoding
 
             side.packed = pack_for_decoding(side.model)
         self.say(f"built {name}: {side.weight_bytes / GB:.2f} GB of weights in {time.perf_counter() - start:.1f} s")
@@ -353,9 +354,10 @@ class Runner:
     def _decode_candidates(self) -> tuple[str, ...]:
         """Self-attention backends `decode_attention: auto` probes: sdpa and eager, and the
         split-KV kernel (decode_ops) where it runs."""
-        from pipeline.model import decode_ops
+        from pipeline.fastdecode import decode_ops, triton_support
 
-        extra = (decode_ops.ATTENTION_NAME,) if decode_ops.kernels_run(self.device, False) and decode_ops.enabled() else ()
+        runs = triton_support.kernels_run(self.device, False) and decode_ops.enabled()
+        extra = (decode_ops.ATTENTION_NAME,) if runs else ()
         return ("sdpa", "eager") + extra
 
     def _static_loop(self, side: Any, cache: Any, first: torch.Tensor, start: int, steps: int, kwargs: dict[str, Any],

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 from pipeline.bench import costs
-from pipeline.bench.device import GB, Memory, attempt, describe, release, resolve_device, resolve_dtype
+from pipeline.bench.device import GB, Memory, attempt, describe, release
+from pipeline.devices import resolve_device, resolve_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -45,8 +46,8 @@ class ServeBench:
     def __init__(self, config: Any, log: Callable[[str], None] | None = None):
         self.config = config
         self.log = log or (lambda msg: print(msg, flush=True))
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device, option="bench_serve.device")
+        self.dtype = resolve_dtype(config.dtype, self.device, option="bench_serve.dtype")
         self.memory = Memory(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.started = time.perf_counter()

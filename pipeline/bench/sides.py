@@ -42,7 +42,7 @@ def _random_ids(shape: tuple[int, ...], vocab: int, device: torch.device, genera
 
 def _registered(impl: str) -> str:
     """`impl`, registered with transformers first if it is decode_ops' own."""
-    from pipeline.model import decode_ops
+    from pipeline.fastdecode import decode_ops
 
     return decode_ops.register_attention() if impl == decode_ops.ATTENTION_NAME else impl
 
@@ -158,7 +158,7 @@ class Cepe:
 
     def fused_decode(self, context: int) -> bool:
         """Whether a decode step's absorbed cross-attention over `context` states runs the one-pass kernel."""
-        from pipeline.model import absorbed_decode
+        from pipeline.fastdecode import absorbed_decode
 
         return absorbed_decode.usable(self.device, self._cross.num_heads, context)
 

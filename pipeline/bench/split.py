@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Split:
     """How CEPE splits `total` tokens: the decoder keeps min(decoder_len, total // 2) (4K at 8K
-    and above, 2K/2K at 4K: the paper's E/D splits, cepe-method.md 7.12), the encoder the rest."""
+    and above, 2K/2K at 4K: the paper's E/D splits, docs/method.md §4), the encoder the rest."""
 
     total: int
     decoder_tokens: int

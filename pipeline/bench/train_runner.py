@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from pipeline.bench.costs import Shape
-from pipeline.bench.device import Memory, attempt, describe, error_text, measure_ceilings, release, resolve_device
+from pipeline.bench.device import Memory, attempt, describe, error_text, measure_ceilings, release
+from pipeline.devices import resolve_device
 from pipeline.bench.runner import CPU_MAX_PARAMS, _gb, _median, _round, command_line
 from pipeline.bench.train_flops import StepShape, train_step_flops
 from pipeline.bench.train_step import PARTS, StageInputs, StageTask, TrainStep, batch_tokens, build_model, compile_layers, set_checkpointing, stage_inputs
@@ -35,7 +36,7 @@ class TrainBench:
         from pipeline.bench import presets
 
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, option="bench_train.device")
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.memory = Memory(self.device)
         self.t0 = time.perf_counter()

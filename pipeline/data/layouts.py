@@ -1,4 +1,4 @@
-"""Example layouts: how token streams become the windows later stages read (cepe-method.md §3).
+"""Example layouts: how token streams become the windows later stages read (docs/method.md §3).
 
 Notation: D = decoder_len, n x L = n_chunks x chunk_len, E = n * L encoder tokens, T = E + D.
 

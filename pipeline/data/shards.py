@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import CepeError
-from pipeline.io import sha256_file
+from pipeline.io import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "cepe-shards"
@@ -49,6 +49,17 @@ def schema_for(decoder_width: int, encoder_width: int | None):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
+    """Write a shard directory's `manifest.json` atomically: the one writer for data shards and
+    teacher-logits shards alike. Written last, after every shard, so a directory with a manifest is
+    complete; `format` names what the directory holds (`read_manifest` of each kind checks it)."""
+    if not manifest.get("format"):
+        raise ValueError("a shard manifest needs a `format`")
+    path = Path(directory) / MANIFEST
+    atomic_write_json(path, manifest)
+    return path
 
 
 def fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:

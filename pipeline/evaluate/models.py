@@ -10,17 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from pipeline.decoders import decoder_of, is_cepe_model
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import CepeError
-
-
-def is_cepe(model: Any) -> bool:
-    """A CEPE model announces itself by `config.model_type == "cepe"` (docs/architecture.md)."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "cepe"
-
-
-def decoder_of(model: Any) -> Any:
-    """The plain decoder inside a CEPE model (`model.decoder`), or the model itself."""
-    return model.decoder if is_cepe(model) and hasattr(model, "decoder") else model
 
 
 def max_positions(model: Any) -> int | None:
@@ -33,25 +25,6 @@ def max_positions(model: Any) -> int | None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise CepeError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
 
 def load_tokenizer(name_or_path: str, option: str = "tokenizer") -> Any:
@@ -97,7 +70,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto",
 def describe(model: Any) -> dict[str, Any]:
     """What a run records about the model."""
     return {
-        "cepe": is_cepe(model),
+        "cepe": is_cepe_model(model),
         "model_type": getattr(model.config, "model_type", None),
         "decoder_type": getattr(decoder_of(model).config, "model_type", None),
         "max_positions": max_positions(model),

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.decoders import is_cepe_model
 from pipeline.errors import CepeError
 from pipeline.evaluate import adapters, models, report
 
@@ -31,7 +32,7 @@ def setup_model(config: Any, record: report.RunRecord) -> tuple[Any, Any]:
 def build_generator(config: Any, model: Any, tokenizer: Any, record: report.RunRecord,
                     truncation: str = "middle") -> adapters.Generator:
     """The input policy the config asks for (auto: cepe for CEPE models) around one model."""
-    cepe = models.is_cepe(model)
+    cepe = is_cepe_model(model)
     policy_name = config.policy if config.policy != "auto" else ("cepe" if cepe else "vanilla")
     if policy_name == "cepe" and not cepe:
         raise CepeError(f"policy: 'cepe' needs a CEPE model; {config.model} is a plain {model.config.model_type} decoder")
@@ -99,7 +100,7 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
 
         check_tokenizer(read_manifest(config.data).get("tokenizer"), key=str(config.data), tokenizer_dirs=[],
                         vocab_size=getattr(model.config, "vocab_size", None), model="model", tokenizer=tokenizer)
-    cepe = models.is_cepe(model)
+    cepe = is_cepe_model(model)
     variants = ppl.variants_for(cepe, config.baselines)
     positions = models.max_positions(model)
     if not shard_windows:

@@ -17,6 +17,7 @@ from pipeline.model.encoder import (
     CepeEncoder,
     CepeEncoderConfig,
     CepeEncoderForMaskedLM,
+    EncoderSpec,
     build_encoder_config,
     encoder_from_decoder_layers,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "CepeEncoderConfig",
     "CepeEncoderForMaskedLM",
     "CepeForCausalLM",
+    "EncoderSpec",
     "build_encoder_config",
     "encoder_from_decoder_layers",
     "is_cepe_model",

@@ -4,7 +4,7 @@ Wrap, don't fork. `CepeForCausalLM` holds
 - `decoder`: the decoder exactly as `AutoModelForCausalLM` builds it (Llama, Mistral, Qwen2, ...).
   Only the class of each chosen decoder layer is swapped for a subclass (`Cepe<LayerClass>`)
   that owns one extra sublayer, `cross_attn`, run between the self-attention residual and the MLP
-  (cepe-method.md 1.3). All original state-dict keys (`decoder.model.layers.N.self_attn...`) are
+  (docs/method.md §1.3). All original state-dict keys (`decoder.model.layers.N.self_attn...`) are
   untouched, so the pretrained decoder loads as it is; the new keys are
   `decoder.model.layers.N.cross_attn.*`.
 - `encoder`: a `CepeEncoder` (bidirectional Llama) over the decoder's vocabulary + `[MASK]`.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
+from pipeline.decoders import check_pre_norm_layers, decoder_layers, is_cepe_model  # noqa: F401 (is_cepe_model: part of pipeline.model's API)
 from pipeline.model.cross_attention import FORMS, CepeCrossAttention, KeyMask, lean_norm
 from pipeline.model.encoder import CepeEncoder, CepeEncoderConfig, build_encoder_config
 
@@ -51,7 +52,7 @@ class CepeConfig(PretrainedConfig):
         encoder_config: the encoder's `CepeEncoderConfig` (dict or config).
         num_cross_attn_layers: cross-attention in the last N decoder layers; None = all (paper).
         cross_attn_init: o-projection init when wrapping a plain decoder: zero (paper run), copy,
-            normal; q/k/v/norm are always copied from self-attention (cepe-method.md 1.4).
+            normal; q/k/v/norm are always copied from self-attention (docs/method.md §1.4).
         cross_attn_form: auto | projected | absorbed (see cross_attention.py).
         absorbed_min_context: with `auto`, the absorbed form is used only from this many context
             tokens on. On an H200 (docs/results/bench.md) the absorbed form decoded faster from 2K
@@ -195,18 +196,15 @@ def cross_attention_layer_class(base: type) -> type:
     return cls
 
 
-def _decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-    return base.layers
-
-
 def add_cross_attention(decoder: PreTrainedModel, config: CepeConfig) -> None:
-    """Give each chosen decoder layer a `cross_attn` sublayer (in place, weights random)."""
+    """Give each chosen decoder layer a `cross_attn` sublayer (in place, weights random); a decoder
+    whose layers are not the pre-norm form is refused first (`check_pre_norm_layers`)."""
+    check_pre_norm_layers(decoder)
     dconf = decoder.config
     econf = config.encoder_config
     head_dim = getattr(dconf, "head_dim", None) or dconf.hidden_size // dconf.num_attention_heads
     attn_impl = getattr(dconf, "_attn_implementation", None) or "sdpa"
-    layers = _decoder_layers(decoder)
+    layers = decoder_layers(decoder)
     for idx in config.cross_attn_layer_ids():
         layer = layers[idx]
         if hasattr(layer, "cross_attn"):
@@ -348,7 +346,7 @@ class CepeForCausalLM(PreTrainedModel, GenerationMixin):
             layer.cross_attn.init_from_self_attention(layer, mode)
 
     def cross_attention_layers(self) -> list[nn.Module]:
-        return [layer for layer in _decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
+        return [layer for layer in decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -590,10 +588,6 @@ def register_auto_classes() -> None:
             auto.register(conf, model)
         except ValueError:
             pass
-
-
-def is_cepe_model(model: Any) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == "cepe"
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Cross-attention from the decoder's hidden states to the encoder's states, in two forms.
 
-The module (cepe-method.md 1.3): its own RMSNorm, `q = W_q norm(h)` from the decoder state,
+The module (docs/method.md §1.3): its own RMSNorm, `q = W_q norm(h)` from the decoder state,
 `K = W_k phi`, `V = W_v phi` projected straight from the encoder width to all of the decoder's
 heads, no positional encoding, no gate, no causal mask, the encoder's key-padding mask, then
 `W_o`. The decoder layer adds the result to its residual stream.
@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import absorbed_decode, decode_ops
+from pipeline.fastdecode import absorbed
 
-FORMS = ("auto", "projected", "absorbed")
+# "absorbed_matmul": the absorbed form kept to torch's matmuls (no one-pass kernel), for
+# comparisons (pipeline/bench, benchmarks/); "auto" never picks it.
+FORMS = ("auto", "projected", "absorbed", "absorbed_matmul")
 
 
 LEAN_NORMS = True  # see lean_norm
@@ -95,8 +97,8 @@ class CepeCrossAttention(nn.Module):
 
     is_causal = False  # the shared attention helpers read this; cross-attention is never causal
     # Above this many (query x context) scores the absorbed form goes through sdpa instead of
-    # materialising the score matrix (a float32 matrix of this size is 256 MB).
-    ABSORBED_DIRECT_MAX_SCORES = 64 * 1024 * 1024
+    # materialising the score matrix (pipeline/fastdecode/absorbed.py).
+    ABSORBED_DIRECT_MAX_SCORES = absorbed.DIRECT_MAX_SCORES
     # Without autograd the projected form builds K and V for a group of heads at a time, at most
     # this many bytes: at 124K context K and V of all 32 heads are 2 GB in bf16, the largest
     # allocation of a CEPE prefill (it decides the whole-process peak). Heads are independent,
@@ -169,7 +171,7 @@ class CepeCrossAttention(nn.Module):
             encoder_padding_mask = KeyMask.build(encoder_padding_mask)
         key_mask, keep_rows = encoder_padding_mask.key_mask, encoder_padding_mask.keep_rows
 
-        chosen = form or self.choose_form(q_len, ctx_len)
+        chosen = form if form not in (None, "auto") else self.choose_form(q_len, ctx_len)
         if chosen in ("absorbed", "absorbed_matmul"):
             out = self._absorbed(q, phi, key_mask, fused=chosen == "absorbed")
         else:
@@ -204,42 +206,13 @@ class CepeCrossAttention(nn.Module):
         return torch.cat(outs, dim=1)  # (B, H, T, d)
 
     def _absorbed(self, q: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, fused: bool = True) -> torch.Tensor:
-        """Same result without projecting the context.
-
-        score_h = (q_h W_k,h) . phi_s / sqrt(d);  out_h = (sum_s p_hs phi_s) W_v,h^T
-        All heads attend to the one shared phi, so the H*T queries form one "head" of width E.
-        Decoding on a GPU (few queries) over a long context runs the one-pass Triton kernel of
-        `absorbed_decode` unless `fused` is False (`absorbed_decode.usable` decides); otherwise
-        two matmuls (phi read twice).
-        """
-        bsz, heads, q_len, d = q.shape
-        e = self.encoder_hidden_size
+        """Same result without projecting the context: q (B, H, T, d), phi (B, S, E) -> (B, H, T, d),
+        by `pipeline.fastdecode.absorbed` (the one-pass kernel unless `fused` is False)."""
+        heads, d, e = self.num_heads, self.head_dim, self.encoder_hidden_size
         w_k = self.k_proj.weight.view(heads, d, e)  # (H, d, E)
         w_v = self.v_proj.weight.view(heads, d, e)  # (H, d, E)
-        q_abs = decode_ops.absorbed_query(q, w_k)  # (B, H, T, E)
-        q_abs = q_abs.reshape(bsz, heads * q_len, e)  # (B, H*T, E): one head over phi
-        ctx_len = phi.shape[1]
-        if fused and absorbed_decode.usable(q_abs.device, heads * q_len, ctx_len, q_abs.requires_grad):
-            mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
-            ctx = absorbed_decode.absorbed_attention(q_abs, phi, mask, scale=self.scaling)  # (B, H*T, E)
-        elif heads * q_len * ctx_len <= self.ABSORBED_DIRECT_MAX_SCORES:
-            # Few queries (decoding): two plain matmuls over phi. sdpa has no fused kernel for a
-            # head width of E (1024) and its fallback is an order of magnitude slower here.
-            if absorbed_decode.softmax_usable(q_abs):  # a GPU: the blocked softmax, scale folded in
-                scores = torch.matmul(q_abs, phi.transpose(1, 2))  # (B, H*T, S)
-                mask = key_mask[:, 0, 0] if key_mask is not None else None  # (B, S)
-                probs = absorbed_decode.row_softmax(scores, self.scaling, mask)
-            else:
-                scores = torch.matmul(q_abs * self.scaling, phi.transpose(1, 2))  # (B, H*T, S)
-                if key_mask is not None:
-                    scores = scores.masked_fill(~key_mask[:, 0], torch.finfo(scores.dtype).min)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(phi.dtype)  # fp32 inside
-            ctx = torch.matmul(probs, phi)  # (B, H*T, E)
-        else:
-            kv = phi[:, None]  # (B, 1, S, E): keys and values are phi itself
-            ctx = self._attend(q_abs[:, None], kv, kv, key_mask, self.scaling)[:, 0]  # (B, H*T, E)
-        ctx = ctx.view(bsz, heads, q_len, e)  # (B, H, T, E)
-        return decode_ops.absorbed_value(ctx, w_v)  # (B, H, T, d)
+        return absorbed.absorbed_attention(q, w_k, w_v, phi, key_mask, self.scaling, self._attend, fused=fused,
+                                           direct_max_scores=self.ABSORBED_DIRECT_MAX_SCORES)
 
     def _attend(
         self,
@@ -272,7 +245,7 @@ class CepeCrossAttention(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_from_self_attention(self, layer: nn.Module, o_mode: str = "zero") -> None:
-        """The paper's initialisation (cepe-method.md 1.4) from the decoder layer it sits in.
+        """The paper's initialisation (docs/method.md §1.4) from the decoder layer it sits in.
 
         q <- self-attention q; k, v <- the first E input columns of self-attention k, v, with
         grouped-query heads repeated to every query head (as `repeat_kv` pairs them); norm <-

@@ -2,7 +2,7 @@
 
 The paper's encoder is a LLaMA-architecture transformer (RMSNorm, RoPE, SwiGLU) trained with
 masked-language modelling: 24 layers, 1024 wide, 16 heads, FFN 4096, over the decoder's own
-vocabulary plus one `[MASK]` token (cepe-method.md 1.1). It is a plain `LlamaModel` with causal
+vocabulary plus one `[MASK]` token (docs/method.md §1.1). It is a plain `LlamaModel` with causal
 masking switched off, so every `transformers` attention backend serves it unchanged.
 
 Chunks are encoded independently: `(B, n, L)` is flattened to `(B*n, L)`, so RoPE positions
@@ -13,10 +13,14 @@ restart at 0 in every chunk and no chunk sees another; the outputs are concatena
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
+
+from pipeline.decoders import decoder_body
 
 
 class CepeEncoderConfig(LlamaConfig):
@@ -37,6 +41,34 @@ PAPER_ENCODER = dict(
     rope_theta=10000.0,
     tie_word_embeddings=True,
 )
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The shape of an encoder built fresh (not loaded, not taken from decoder layers): what every
+    stage that builds one states, whatever its options are called. Defaults are the paper's."""
+
+    layers: int = PAPER_ENCODER["num_hidden_layers"]
+    hidden_size: int = PAPER_ENCODER["hidden_size"]
+    intermediate_size: int = PAPER_ENCODER["intermediate_size"]
+    heads: int = PAPER_ENCODER["num_attention_heads"]
+    max_position_embeddings: int = PAPER_ENCODER["max_position_embeddings"]
+
+    def problem(self, names: dict[str, str], divisible: bool = True) -> str | None:
+        """What is wrong with this shape, naming the user's option (`names`: field -> option): a
+        size below 1, or (`divisible`) heads that do not divide the width; None if nothing."""
+        for key in ("layers", "hidden_size", "intermediate_size", "heads", "max_position_embeddings"):
+            if key in names and getattr(self, key) < 1:
+                return f"{names[key]}: expected an integer >= 1, got {getattr(self, key)}"
+        if divisible and self.hidden_size % self.heads:
+            return f"{names['heads']}: {self.heads} does not divide {names['hidden_size']} {self.hidden_size}"
+        return None
+
+    def config_values(self) -> dict[str, int]:
+        """The `CepeEncoderConfig` fields this spec sets (multi-head attention: kv heads = heads)."""
+        return dict(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                    max_position_embeddings=self.max_position_embeddings)
 
 
 def build_encoder_config(decoder_vocab_size: int, **overrides) -> CepeEncoderConfig:
@@ -214,12 +246,6 @@ class CepeEncoderForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-def base_layer_attn(decoder: PreTrainedModel) -> nn.Module:
-    """The first decoder layer's self-attention q-projection (to read its bias)."""
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
-    return base.layers[0].self_attn.q_proj
-
-
 def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> CepeEncoder:
     """An encoder of the decoder's width, initialised from its embeddings and first layers.
 
@@ -243,13 +269,13 @@ def encoder_from_decoder_layers(decoder: PreTrainedModel, num_layers: int) -> Ce
     )
     # Qwen2-style decoders carry q/k/v biases; a Llama encoder then needs attention biases too
     # (its o-projection bias, which Qwen2 lacks, starts at zero).
-    has_bias = getattr(base_layer_attn(decoder), "bias", None) is not None
+    base = decoder_body(decoder)
+    has_bias = getattr(base.layers[0].self_attn.q_proj, "bias", None) is not None
     config.attention_bias = has_bias
     if num_layers > dconf.num_hidden_layers:
         raise ValueError(f"encoder layers {num_layers} > decoder layers {dconf.num_hidden_layers}")
     config._attn_implementation = dconf._attn_implementation
     encoder = CepeEncoder(config)
-    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder.model
     with torch.no_grad():
         emb = base.embed_tokens.weight
         encoder.embed_tokens.weight[: emb.shape[0]].copy_(emb)

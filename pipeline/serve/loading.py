@@ -1,7 +1,7 @@
 """A saved CEPE model directory, loaded for generation, with what it was trained with checked.
 
 The directory holds the weights, the tokenizer and, in `config.json`, the chunk length, decoder
-window and tokenizer identity of its training (pipeline/stages/model_output.py). Loading refuses
+window and tokenizer identity of its training (pipeline/train/model_output.py). Loading refuses
 what would silently give worse output: another chunk length than trained, a tokenizer whose
 hash differs from the recorded one, a directory that is not a CEPE model.
 """
@@ -79,7 +79,7 @@ def load_serving_model(path: str, *, tokenizer: str = "", device: str = "auto", 
         chunk_len / decoder_len: 0 = the recorded ones; a chunk length other than the recorded
             one is refused.
         fast_decode: on a GPU, pack the decoder for decoding and use the split-KV attention
-            (pipeline/model/decode_packing.py, decode_ops.py); the tokens are the same.
+            (pipeline/fastdecode/decode_packing.py, decode_ops.py); the tokens are the same.
     Raises:
         CepeError: a missing or non-CEPE directory, no tokenizer, a tokenizer of another hash
             than recorded, another chunk length than trained, a decoder window over the decoder's
@@ -119,8 +119,8 @@ def load_serving_model(path: str, *, tokenizer: str = "", device: str = "auto", 
 def enable_fast_decode(model: Any) -> None:
     """The GPU decode path `cepe bench` measures: q/k/v and gate/up packed into one product each
     (one-token products on the GEMV kernel) and the split-KV self-attention "cepe_decode"."""
-    from pipeline.model import decode_ops
-    from pipeline.model.decode_packing import pack_for_decoding
+    from pipeline.fastdecode import decode_ops
+    from pipeline.fastdecode.decode_packing import pack_for_decoding
 
     pack_for_decoding(model)
     model.decoder.set_attn_implementation(decode_ops.register_attention())

@@ -1,6 +1,6 @@
 """`cepe distill`: CEPE-Distilled, extending an instruction-tuned decoder with unlabeled text alone.
 
-cepe-method.md 2.4. The student is a CEPE model whose frozen decoder is the teacher's own weights
+docs/method.md §2.4. The student is a CEPE model whose frozen decoder is the teacher's own weights
 (by default the warm-up of that decoder); the teacher reads context + decoder input inside its
 own window, and the student learns to match it while reading the context through its encoder:
 
@@ -31,13 +31,13 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
-from pipeline.stages.teacher_logits import check_teacher_geometry
-from pipeline.stages.train import LAYOUTS, TrainConfig
 from pipeline.train.distill import parse_kl_mode
+from pipeline.train.lm_stage import LAYOUTS, MainStageOptions
+from pipeline.train.teacher_setup import check_teacher_geometry
 
 
 @dataclass
-class DistillConfig(TrainConfig):
+class DistillConfig(MainStageOptions):
     """CEPED; defaults are the paper's run, params.yaml the CPU one."""
 
     output: str = field("runs/distill", help="Output directory: model/, checkpoints/, metrics.json, steps.tsv.")
@@ -128,7 +128,7 @@ def open_data(config: DistillConfig, student_fingerprint: str, log: Any = print,
     In precomputed mode each data directory is joined with its logits directory, after
     `check_alignment` (data build, tokenizer, geometry, temperature) and a per-shard spot check.
     """
-    from pipeline.stages.teacher_logits import check_geometry, data_identity
+    from pipeline.train.teacher_setup import check_geometry, data_identity
     from pipeline.train.ceped_data import CepedExamples, check_alignment, spot_check
     from pipeline.train.collate import ConcatExamples, open_shards
     from pipeline.train.teacher import resolve_teacher, same_teacher
@@ -182,10 +182,9 @@ def build_teacher(config: DistillConfig, student: Any, student_fingerprint: str,
     The student's own decoder serves as the teacher when it holds the teacher's weights (same
     directory, or same weights fingerprint once loaded); else the teacher is loaded apart.
     """
-    from pipeline.stages.teacher_logits import load_teacher
+    from pipeline.devices import resolve_device
     from pipeline.train.teacher import OnlineTeacher, max_window, resolve_teacher, weights_fingerprint
-
-    from pipeline.stages.teacher_logits import default_device
+    from pipeline.train.teacher_setup import load_teacher
 
     ref = resolve_teacher(config.teacher)
     source = getattr(student.config, "decoder_name_or_path", None)
@@ -194,7 +193,7 @@ def build_teacher(config: DistillConfig, student: Any, student_fingerprint: str,
                              max_positions=max_window(student.decoder.config)), None
     # Loaded where it will run (bf16 on a GPU with teacher_dtype auto), compared, dropped if it is
     # the student's own decoder after all.
-    _, model = load_teacher(config.teacher, config.teacher_dtype, config.attn_implementation, default_device())
+    _, model = load_teacher(config.teacher, config.teacher_dtype, config.attn_implementation, resolve_device())
     if weights_fingerprint(model) == student_fingerprint:
         del model
         return OnlineTeacher(None, config.teacher_context_len, config.decoder_len, config.k, config.temperature,
@@ -211,14 +210,12 @@ def run(config: DistillConfig, resume: str | None = None) -> dict[str, Any]:
     import torch
 
     from pipeline.io import atomic_write_json
-    from pipeline.stages.train import load_model
-    from pipeline.stages.warmup import lm_task, resolve_model_dir
+    from pipeline.train.lm_stage import (check_data_tokenizer, lm_task, load_model, require_model_type,
+                                         resolve_model_dir)
     from pipeline.train.ceped_eval import compare_with_teacher
     from pipeline.train.distill import DistillLoss
     from pipeline.train.loop import process_state, run_training
     from pipeline.train.teacher import check_window, max_window, weights_fingerprint
-
-    from pipeline.stages.warmup import check_data_tokenizer, require_model_type
 
     model_dir = resolve_model_dir(config.model, "model")
     require_model_type(model_dir, "model", "cepe")

@@ -19,6 +19,18 @@ from pipeline.config import ConfigError, field, to_dict
 from pipeline.errors import CepeError
 
 TASKS = ("ppl", "longbench", "longbench-e", "zeroscrolls", "ruler")
+# Keys that only one task family reads; the others ignore them, so a params section for another
+# task leaves them out (params/base.yaml; the registry's section check allows it).
+TASK_ONLY_KEYS = {
+    "ppl": ("lengths", "decoder_len", "preset", "stride", "eval_window", "max_windows", "max_windows_per_doc",
+            "min_doc_tokens", "shard_split", "baselines"),
+    "ruler": ("ruler_lengths", "num_samples", "ruler_haystack"),
+}
+
+
+def keys_unread_by(task: str) -> frozenset[str]:
+    """The keys `task` never reads (those only another task family reads)."""
+    return frozenset(k for family, keys in TASK_ONLY_KEYS.items() if family != task for k in keys)
 
 
 @dataclass
@@ -87,6 +99,11 @@ class EvaluateConfig:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if any(n < 64 for n in self.ruler_lengths):
             raise ConfigError(f"ruler_lengths: expected lengths of at least 64 tokens, got {self.ruler_lengths}")
+
+    @classmethod
+    def unread_keys(cls, values: dict[str, Any]) -> frozenset[str]:
+        """Keys a params section for `values["task"]` leaves out (pipeline/stages/registry.py)."""
+        return keys_unread_by(values.get("task", "ppl"))
 
     @property
     def output_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""`cepe pretrain-encoder`: masked-language-model pretraining of the CEPE encoder (cepe-method.md 2.1).
+"""`cepe pretrain-encoder`: masked-language-model pretraining of the CEPE encoder (docs/method.md §2.1).
 
 The encoder is a bidirectional Llama over the decoder's vocabulary plus `[MASK]`, trained from
 scratch (`init: random`, the paper) or from the decoder's own embeddings and lower layers
@@ -16,6 +16,11 @@ from typing import Any, Literal
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
 from pipeline.train.loop import LoopOptions
+
+
+# EncoderSpec field -> this section's key.
+ENCODER_KEYS = {"layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                "heads": "num_heads", "max_position_embeddings": "max_position_embeddings"}
 
 
 @dataclass
@@ -45,11 +50,15 @@ class PretrainEncoderConfig(LoopOptions):
             raise ConfigError(f"mlm_probability: expected a fraction in (0, 1), got {self.mlm_probability}")
         if self.init == "decoder-layers" and not self.decoder:
             raise ConfigError("decoder: init decoder-layers needs the decoder directory")
-        for key in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "max_position_embeddings"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
-        if self.init == "random" and self.hidden_size % self.num_heads:
-            raise ConfigError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        problem = self.encoder_spec().problem(ENCODER_KEYS, divisible=self.init == "random")
+        if problem:
+            raise ConfigError(problem)
+
+    def encoder_spec(self):
+        """The encoder shape these options state (`init: random`; `num_layers` also for decoder-layers)."""
+        from pipeline.model.encoder import EncoderSpec
+
+        return EncoderSpec(**{field: getattr(self, key) for field, key in ENCODER_KEYS.items()})
 
 
 def special_token_ids(info: dict[str, Any]) -> frozenset[int]:
@@ -69,7 +78,7 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
         from transformers import AutoModelForCausalLM
 
         from pipeline.hub import require_local_or_hub
-        from pipeline.stages.warmup import load_checked, resolve_model_dir
+        from pipeline.train.lm_stage import load_checked, resolve_model_dir
 
         require_local_or_hub(config.decoder, "decoder")
         if Path(config.decoder).exists():
@@ -88,17 +97,14 @@ def build_mlm_model(config: PretrainEncoderConfig, vocab_size: int):
         model.model.load_state_dict(encoder.state_dict())
         model.tie_weights()
         return model
-    econf = build_encoder_config(
-        vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads, max_position_embeddings=config.max_position_embeddings)
+    econf = build_encoder_config(vocab_size, **config.encoder_spec().config_values())
     econf._attn_implementation = config.attn_implementation
     return CepeEncoderForMaskedLM(econf)
 
 
 def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, Any]:
     """Pretrain the encoder; writes `<output>/model`, metrics.json, steps.tsv, checkpoints/."""
-    from pipeline.stages.model_output import model_saver
+    from pipeline.train.model_output import model_saver
     from pipeline.train.collate import MlmCollator, manifest_value, open_shards
     from pipeline.train.loop import TrainTask, process_state, run_training
     from pipeline.train.losses import eval_mlm_nll, mlm_loss
@@ -116,7 +122,7 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     vocab = int(info["vocab_size"])
     if config.init == "decoder-layers":  # a random encoder is built from the shards' vocabulary itself
         from pipeline.data.shards import check_tokenizer
-        from pipeline.stages.warmup import require_model_type, resolve_model_dir
+        from pipeline.train.lm_stage import require_model_type, resolve_model_dir
 
         decoder_dir = resolve_model_dir(config.decoder, "decoder")
         require_model_type(decoder_dir, "decoder", None)

@@ -1,4 +1,4 @@
-"""`cepe train`: the main CEPE stage (cepe-method.md 2.3).
+"""`cepe train`: the main CEPE stage (docs/method.md §2.3).
 
 Starts from the warm-up's CEPE model (no re-initialisation) and trains cross-attention and
 encoder on `prevdoc` / `concat` windows, whose encoder chunks hold the text right before the
@@ -14,54 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, field
-from pipeline.stages.warmup import (LmStageOptions, check_data_tokenizer, lm_task, load_checked,
-                                    require_model_type, resolve_model_dir)
-
-LAYOUTS = ("prevdoc", "concat")  # a `mix` directory of them is read as it is
+from pipeline.config import ConfigError
+from pipeline.train.lm_stage import (LAYOUTS, MainStageOptions, check_data_tokenizer, lm_task, load_model,
+                                     require_model_type, resolve_model_dir)
 
 
 @dataclass
-class TrainConfig(LmStageOptions):
+class TrainConfig(MainStageOptions):
     """Main training; defaults are the paper's recipe (LR 3e-4, 20K steps), params.yaml the CPU one."""
-
-    data: list[str] = field(default_factory=lambda: ["data/shards/mix"],
-                            help="Shard directories of prevdoc/concat windows (or their mix), read as one dataset.")
-    output: str = field("runs/train", help="Output directory: model/, checkpoints/, metrics.json, steps.tsv.")
-    model: str = field("runs/warmup/model", help="The warm-up's CEPE model (its output directory or model/).")
-    context_masking: bool = field(True, help="Mask encoder chunks at random for robustness (cepe-method.md 2.3).")
-    context_mask_prob: float = field(0.3, help="Probability that a chunk is masked at all.")
-    context_mask_full_prob: float = field(0.03, help="Probability that a chunk is masked entirely (part of context_mask_prob).")
-    max_steps: int = field(20_000, help="Optimiser steps to train for.")
-    batch_size: int = field(1, help="Sequences per process per micro-batch.")
-    grad_accum: int = field(16, help="Micro-batches accumulated per optimiser step.")
-    lr: float = field(3e-4, help="Peak learning rate (AdamW).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.data:
-            raise ConfigError("data: expected at least one shard directory")
-        if not 0 <= self.context_mask_prob <= 1:
-            raise ConfigError(f"context_mask_prob: expected a probability, got {self.context_mask_prob}")
-        if not 0 <= self.context_mask_full_prob <= self.context_mask_prob:
-            raise ConfigError(f"context_mask_full_prob: expected a probability <= context_mask_prob "
-                              f"({self.context_mask_prob}), got {self.context_mask_full_prob}")
-        if not self.model:
-            raise ConfigError("model: expected the warm-up's output directory")
-
-
-def load_model(config: TrainConfig):
-    """The warm-up's CEPE model in fp32 (the loop casts the frozen decoder to bf16 on GPU)."""
-    import torch
-
-    from pipeline.model import CepeForCausalLM
-
-    path = resolve_model_dir(config.model, "model")
-    require_model_type(path, "model", "cepe")
-    model = load_checked(lambda: CepeForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=config.attn_implementation), path, "model")
-    model.set_encoder_trainable(config.train_encoder)
-    return model
 
 
 def run(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:

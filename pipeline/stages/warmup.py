@@ -1,4 +1,4 @@
-"""`cepe warmup`: teach the new cross-attention to copy from the encoder (cepe-method.md 2.2).
+"""`cepe warmup`: teach the new cross-attention to copy from the encoder (docs/method.md §2.2).
 
 The frozen decoder is wrapped with cross-attention in its layers (q, k, v and the norm copied
 from self-attention, the o-projection zero so the model starts as the plain decoder) and an
@@ -11,31 +11,20 @@ starts from.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import ConfigError, field
 from pipeline.errors import CepeError
-from pipeline.train.loop import LoopOptions
+from pipeline.train.lm_stage import (LmStageOptions, check_data_tokenizer, lm_task, load_checked, require_model_type,
+                                     resolve_model_dir)
 
 SPECIAL_ENCODERS = ("decoder-layers", "random")
-
-
-@dataclass
-class LmStageOptions(LoopOptions):
-    """Options shared by the stages that train a CEPE model with the LM loss."""
-
-    attn_implementation: str = field("sdpa", help="Attention backend: sdpa, eager or flash_attention_2.")
-    train_encoder: bool = field(True, help="Train the encoder too (the paper does); cross-attention always trains.")
-    eval_last_tokens: int = field(256, help="Validation scores the last N tokens of each held-out window (at most window-1).")
-    save_decoder: bool = field(True, help="Write the frozen decoder's weights into model/ too (else model/ refers to its path).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eval_last_tokens < 1:
-            raise ConfigError(f"eval_last_tokens: expected an integer >= 1, got {self.eval_last_tokens}")
+# Read only with `encoder: random`; a params section with another encoder leaves them out.
+RANDOM_ENCODER_KEYS = ("encoder_hidden_size", "encoder_intermediate_size", "encoder_heads")
+# EncoderSpec field -> this section's key (a random encoder keeps the spec's 512 positions).
+ENCODER_KEYS = {"layers": "encoder_layers", "hidden_size": "encoder_hidden_size",
+                "intermediate_size": "encoder_intermediate_size", "heads": "encoder_heads"}
 
 
 @dataclass
@@ -63,109 +52,24 @@ class WarmupConfig(LmStageOptions):
             raise ConfigError("decoder: expected the decoder directory")
         if not self.encoder:
             raise ConfigError(f"encoder: expected a directory or one of {', '.join(SPECIAL_ENCODERS)}")
-        for key in ("encoder_layers", "encoder_hidden_size", "encoder_intermediate_size", "encoder_heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        spec = self.encoder_spec()
+        if problem := spec.problem(ENCODER_KEYS, divisible=False):
+            raise ConfigError(problem)
         if self.num_cross_attn_layers < 0:
             raise ConfigError(f"num_cross_attn_layers: expected 0 (all) or a positive count, got {self.num_cross_attn_layers}")
-        if self.encoder == "random" and self.encoder_hidden_size % self.encoder_heads:
-            raise ConfigError(f"encoder_heads: {self.encoder_heads} does not divide encoder_hidden_size {self.encoder_hidden_size}")
+        if self.encoder == "random" and (problem := spec.problem(ENCODER_KEYS)):
+            raise ConfigError(problem)
 
+    @classmethod
+    def unread_keys(cls, values: dict[str, Any]) -> frozenset[str]:
+        """Keys a params section leaves out unless its `encoder` is random (pipeline/stages/registry.py)."""
+        return frozenset() if values.get("encoder") == "random" else frozenset(RANDOM_ENCODER_KEYS)
 
-def resolve_model_dir(path: str, key: str) -> Path:
-    """A stage output directory or its `model/`: whichever holds a config.json."""
-    p = Path(path)
-    if not p.exists():
-        raise CepeError(f"{key}: no such directory: {path}")
-    for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CepeError(f"{key}: {path} holds no saved model (no config.json there or in model/)")
+    def encoder_spec(self):
+        """The shape of an `encoder: random` (its layer count also serves `decoder-layers`)."""
+        from pipeline.model.encoder import EncoderSpec
 
-
-# What each kind of saved model directory is, by its config.json `model_type`, and which stage
-# takes it: for the one-line error when a directory is given where another kind belongs.
-_MODEL_KINDS = {"cepe": ("a CEPE model", "train / distill --model"),
-                "cepe_encoder": ("a CEPE encoder (pretrain-encoder output)", "warmup --encoder")}
-
-
-def model_type_of(directory: Path, key: str) -> str:
-    """The `model_type` of a saved model directory's config.json (one line if unreadable)."""
-    path = directory / "config.json"
-    try:
-        value = json.loads(path.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise CepeError(f"{key}: {path} is not a readable model config ({exc})") from None
-    return str(value or "?")
-
-
-def require_model_type(directory: Path, key: str, wanted: str | None) -> None:
-    """`directory` must hold the kind of model `key` takes: `wanted` is a model_type, or None
-    for a plain decoder (anything but a CEPE model or encoder).
-
-    Raises:
-        CepeError: naming what the directory holds and where that kind of model belongs.
-    """
-    found = model_type_of(directory, key)
-    ok = found == wanted if wanted else found not in _MODEL_KINDS
-    if ok:
-        return
-    what, where = _MODEL_KINDS.get(found, (f"a plain {found} decoder", "warmup --decoder"))
-    expected = _MODEL_KINDS[wanted][0] if wanted else "a plain decoder (cepe convert-decoder)"
-    raise CepeError(f"{key}: {directory} holds {what}, expected {expected}; that kind of model goes to {where}")
-
-
-def check_weight_files(directory: Path, key: str) -> None:
-    """Every safetensors file of a model directory must be whole (header and data present).
-
-    A truncated `model.safetensors` otherwise fails deep inside `from_pretrained`.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                fh.keys()
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CepeError(f"{key}: {path} is unreadable ({str(exc).splitlines()[0]}); truncated or corrupt: "
-                            f"write it again (the stage that made it, or cepe convert-decoder)") from None
-
-
-def load_checked(load: Any, directory: Path, key: str) -> Any:
-    """`load()` with a model directory's loading errors as one line naming the directory."""
-    from safetensors import SafetensorError
-
-    check_weight_files(directory, key)
-    try:
-        return load()
-    except (OSError, SafetensorError, EnvironmentError) as exc:
-        raise CepeError(f"{key}: cannot load {directory}: {str(exc).strip().splitlines()[0]}") from None
-
-
-def tokenizer_dirs(model: Any, directory: Path) -> list[Path]:
-    """Where a model's tokenizer may be: its own directory, then its decoder's source."""
-    dirs = [directory]
-    source = getattr(getattr(model, "config", None), "decoder_name_or_path", None)
-    if source and Path(source).is_dir():
-        dirs.append(Path(source))
-    return dirs
-
-
-def check_data_tokenizer(datasets: list[Any], model: Any, directory: Path, key: str, vocab_size: int) -> None:
-    """Every shard dataset a stage reads must be tokenized as `model` reads (one shared check,
-    `pipeline.data.shards.check_tokenizer`)."""
-    from pipeline.data.shards import check_tokenizer
-    from pipeline.train.collate import manifest_value
-
-    for data in datasets:
-        check_tokenizer(manifest_value(data, "tokenizer"), key=str(getattr(data, "root", "data")),
-                        tokenizer_dirs=tokenizer_dirs(model, directory), vocab_size=vocab_size, model=key)
-
-
-def eval_window(requested: int, window: int) -> int:
-    """The validation window: the last `requested` tokens, at most window - 1 (the first token of a
-    window has no prediction)."""
-    return max(1, min(requested, window - 1))
+        return EncoderSpec(**{field: getattr(self, key) for field, key in ENCODER_KEYS.items()})
 
 
 def build_model(config: WarmupConfig):
@@ -188,9 +92,7 @@ def build_model(config: WarmupConfig):
                               f"{decoder.config.num_hidden_layers} layers")
         encoder = encoder_from_decoder_layers(decoder, config.encoder_layers)
     elif config.encoder == "random":
-        encoder_config = dict(hidden_size=config.encoder_hidden_size, intermediate_size=config.encoder_intermediate_size,
-                              num_hidden_layers=config.encoder_layers, num_attention_heads=config.encoder_heads,
-                              num_key_value_heads=config.encoder_heads)
+        encoder_config = config.encoder_spec().config_values()
     else:
         encoder_dir = resolve_model_dir(config.encoder, "encoder")
         require_model_type(encoder_dir, "encoder", "cepe_encoder")
@@ -206,30 +108,6 @@ def build_model(config: WarmupConfig):
         save_decoder=config.save_decoder)
     model.config.decoder_name_or_path = str(decoder_dir)
     return model
-
-
-def _first(data: Any) -> str:
-    return str(data[0] if isinstance(data, (list, tuple)) and data else data)
-
-
-def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context_masking: Any = None,
-            stage: str) -> Any:
-    """The loop task of an LM stage (warm-up and main training share it); its `model/` holds the
-    data's tokenizer and records the chunk length and window trained with (model_output.py)."""
-    from pipeline.stages.model_output import model_saver
-    from pipeline.train.collate import LmCollator, manifest_value
-    from pipeline.train.loop import TrainTask
-    from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
-
-    window = int(manifest_value(train, "decoder_len", 0) or len(train[0]["input_ids"]))
-    last = eval_window(config.eval_last_tokens, window)
-    counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
-    return TrainTask(
-        model=model, train_data=train, collate=LmCollator(context_masking=context_masking),
-        compute_loss=causal_lm_loss, val_data=val, val_collate=LmCollator(eval_last=last),
-        eval_nll=eval_last_tokens_nll, save_model=model_saver(train, _first(getattr(config, "data", "data"))),
-        extra_metrics={"stage": stage, "eval_last_tokens": last, "decoder_len": window,
-                       **{f"params_{k}": v for k, v in counts.items()}})
 
 
 def run(config: WarmupConfig, resume: str | None = None) -> dict[str, Any]:

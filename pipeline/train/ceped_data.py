@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.shards import MANIFEST
 from pipeline.errors import CepeError
 from pipeline.train.teacher import (
     IDS, PROBS, ROW_HASH, TAIL, TEACHER_ATTENTION_MASK, TEACHER_INPUT_IDS, teacher_row,
 )
-from pipeline.train.teacher_shards import MANIFEST, TeacherLogits
+from pipeline.train.teacher_shards import TeacherLogits
 
 
 class CepedExamples(torch.utils.data.Dataset):

@@ -36,7 +36,7 @@ def example_rng(seed: int, purpose: str, example: dict[str, Any]) -> np.random.G
 
 @dataclass(frozen=True)
 class ContextMasking:
-    """Encoder-context robustness masking of cepe-method.md 2.3 (CEPE `data.py`, `mask_prob`).
+    """Encoder-context robustness masking of docs/method.md §2.3 (CEPE `data.py`, `mask_prob`).
 
     For each chunk of each example draw u ~ U(0, 1): if u < `full_prob` the whole chunk is masked;
     elif u < `prob` a random suffix of n ~ U{1..L-1} tokens is masked; else the chunk is kept.

@@ -85,7 +85,7 @@ def mask_for_mlm(
     probability: float,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mask one sequence for MLM as CEPE's `MLMDataCollator` does (cepe-method.md 2.1).
+    """Mask one sequence for MLM as CEPE's `MLMDataCollator` does (docs/method.md §2.1).
 
     Each non-special token is masked independently with `probability`, and a masked token is
     *always* replaced by `[MASK]` (no 80/10/10). Special tokens (BOS, EOS/pad) are never masked.

@@ -3,7 +3,7 @@
 The teacher is an instruction-tuned decoder that reads the whole context *inside its own window*:
 the last `context_len` encoder-context tokens followed by the first `decoder_len` decoder tokens
 (`prev_token_ids[-2048:] + token_ids[:2048]` in the paper, exactly Llama-2-Chat's 4096 window,
-cepe-method.md 2.4). Its next-token distribution at each of the `decoder_len` decoder positions
+docs/method.md §2.4). Its next-token distribution at each of the `decoder_len` decoder positions
 is the student's target: the student sees the same decoder tokens, and the context only through
 its encoder. Position t of the teacher's decoder segment and position t of the student's decoder
 input both predict token t+1, so the two line up one to one; the last position is kept, as the

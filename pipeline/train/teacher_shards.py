@@ -31,11 +31,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.shards import MANIFEST
 from pipeline.errors import CepeError
 from pipeline.train.teacher import IDS, LOGITS_FORMAT, PROBS, ROW_HASH, TAIL
 
 LOGITS_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def logits_schema(n: int, k: int) -> pa.Schema:

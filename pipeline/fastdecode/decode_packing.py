@@ -28,7 +28,8 @@ import inspect
 import torch
 from torch import nn
 
-from pipeline.model import decode_ops
+from pipeline.decoders import decoder_layers
+from pipeline.fastdecode import decode_ops
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
@@ -156,16 +157,6 @@ def _to_decode_linear(module: nn.Module) -> None:
     for child in module.modules():
         if type(child) is nn.Linear:
             child.__class__ = DecodeLinear
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM or of a CEPE model (its wrapped decoder's)."""
-    decoder = getattr(model, "decoder", model)
-    inner = getattr(decoder, "model", decoder)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected decoder layers at .model.layers")
-    return layers
 
 
 @torch.no_grad()

@@ -20,32 +20,33 @@ shapes (docs/results/bench_diagnostics.md, `benchmarks/decode_ops.py`):
   one-token steps with a boolean (or no) mask take the kernel, everything else is sdpa's.
 
 Both are torch ops (`torch.ops.cepe.*`), opaque to torch.compile. Nothing here runs without a
-GPU (or Triton's interpreter), with autograd recording, or when `CEPE_DECODE_KERNELS=0`: those
-cases take F.linear and sdpa, which compute the same thing.
+GPU (or Triton's interpreter), with autograd recording, or when `settings.current().kernels` is
+off (`CEPE_DECODE_KERNELS=0` sets that default): those cases take F.linear and sdpa, which compute
+the same thing.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.absorbed_decode import (  # noqa: F401 (triton_available: re-exported)
-    LOG2E, interpreted, kernels_run, mask_argument, num_splits, triton_available,
+from pipeline.fastdecode import settings
+from pipeline.fastdecode.triton_support import (
+    LOG2E, interpreted, kernels_run, mask_argument, num_splits, register_op,
 )
 
 ATTENTION_NAME = "cepe_decode"  # the transformers attention implementation registered here
 
 
 def enabled() -> bool:
-    """`CEPE_DECODE_KERNELS` (read at each call): "0" switches both kernels off."""
-    return os.environ.get("CEPE_DECODE_KERNELS", "") != "0"
+    """Whether `settings.current()` lets these kernels run (`CEPE_DECODE_KERNELS=0`: off)."""
+    return settings.current().kernels
 
 
 def _kernels():
-    from pipeline.model import decode_kernels as k
+    from pipeline.fastdecode import decode_kernels as k
 
     return k
 
@@ -122,14 +123,13 @@ def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, act: torch.nn.Modu
     return linear(act(gate) * up, weight)
 
 
-@torch.library.custom_op("cepe::gemv", mutates_args=())
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-2])
+
+
+@register_op("gemv", _gemv_fake)
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
     return _gemv(weight, x, gated=gated)
-
-
-@_gemv_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[-2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,17 +163,20 @@ def _head_config() -> dict:
     return dict(BLOCK_N=2, BLOCK_K=512, num_warps=2, num_stages=1)
 
 
-@torch.library.custom_op("cepe::head_gemv", mutates_args=())
+def _head_gemv_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@register_op("head_gemv", _head_gemv_fake)
 def _head_gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _gemv(weight, x, _head_config())
 
 
-@_head_gemv_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[1])
+def _head_gemv_t_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(weight.shape[0], weight.shape[2])
 
 
-@torch.library.custom_op("cepe::head_gemv_t", mutates_args=())
+@register_op("head_gemv_t", _head_gemv_t_fake)
 def _head_gemv_t_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y (H, N) = x (H, D) per head times weight (H, D, N)."""
     import triton
@@ -186,11 +189,6 @@ def _head_gemv_t_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _kernels().gemv_t[(triton.cdiv(n, block_n), heads)](
         weight, x, y, d, n, weight.stride(0), weight.stride(1), x.stride(0), y.stride(0), BLOCK_N=block_n, **cfg)
     return y
-
-
-@_head_gemv_t_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(weight.shape[0], weight.shape[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,16 +246,16 @@ def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     return out
 
 
-@torch.library.custom_op("cepe::kv_attention", mutates_args=())
+def _kv_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    bsz, heads, _, d = query.shape
+    return query.new_empty(bsz, 1, heads, d)
+
+
+@register_op("kv_attention", _kv_attention_fake)
 def _kv_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
     return kv_attention(query, key, value, mask, scale)
-
-
-@_kv_attention_op.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    bsz, heads, _, d = query.shape
-    return query.new_empty(bsz, 1, heads, d)
 
 
 def kv_usable(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:

@@ -12,7 +12,8 @@ into blocks of 2,048 scores, a first pass takes each block's max and sum of expo
 second normalises every block with its row's totals: 144 us for the two matmuls and softmax.
 
 `fused_attention` (the default on a GPU from FUSED_MIN_CONTEXT encoder states on;
-`CEPE_FUSED_DECODE` = 1 or 0 forces it on or off; kernels in `absorbed_kernels`): reads each phi
+`settings.current().fused` ("on"/"off", from `CEPE_FUSED_DECODE` = 1 or 0) forces it on or off;
+kernels in `absorbed_kernels`): reads each phi
 tile once. Per tile of BLOCK_S context rows it forms the scores of BLOCK_M queries and accumulates
 2^(score - offset) x tile, flash-decoding style. E (1024) is far wider than an attention head, and
 a (queries x E) float32 accumulator plus the (queries x E) query cannot sit in one warp's
@@ -34,79 +35,38 @@ two matmuls and the softmax, and 135 us for the same kernel with an online softm
 (docs/results/bench_diagnostics.md).
 
 Both are registered as torch ops (`torch.ops.cepe.*`), so torch.compile treats each as one opaque
-call. Everything else (training, prefill, CPU) takes the torch matmul or sdpa paths, which give
-the same result.
+call. `pipeline.fastdecode.absorbed` chooses among them and the torch paths; everything else
+(training, prefill, CPU) takes the torch matmul or sdpa paths, which give the same result.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
+
+from pipeline.fastdecode import settings
+from pipeline.fastdecode.triton_support import LOG2E, interpreted, kernels_run, mask_argument, num_splits, register_op
 
 MAX_QUERIES = 64  # above this the matmul path is as good (phi is shared by enough queries)
 # From this many encoder states on, the kernel is the default (H200, a whole cross-attention layer,
 # docs/results/bench_diagnostics.md): 164 vs 196 us at 127K, 86 vs 87 us at 28K, 70 vs 62 us at 4K.
 FUSED_MIN_CONTEXT = 32768
-LOG2E = 1.4426950408889634
-
-
-def setting() -> str:
-    """`CEPE_FUSED_DECODE` (read at each call): "1" always the kernel, "0" never, else "auto"
-    (the kernel from FUSED_MIN_CONTEXT encoder states on)."""
-    value = os.environ.get("CEPE_FUSED_DECODE", "")
-    return value if value in ("0", "1") else "auto"
-
-
-_TRITON: bool | None = None
-
-
-def triton_available() -> bool:
-    """Whether Triton imports (probed once; a plain global, so torch.compile traces the check)."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _TRITON = True
-        except Exception:
-            _TRITON = False
-    return _TRITON
-
-
-def kernels_run(device: torch.device, requires_grad: bool) -> bool:
-    """Triton on a CUDA device (or its interpreter), and no gradient wanted (no backward here)."""
-    if not triton_available() or (requires_grad and torch.is_grad_enabled()):
-        return False
-    return device.type == "cuda" or interpreted()
 
 
 def usable(device: torch.device, num_queries: int, context_len: int, requires_grad: bool = False) -> bool:
-    """Whether a call runs the fused kernel: the kernels run here, few queries, and `setting()`
-    allows it at this context length."""
+    """Whether a call runs the fused kernel: the kernels run here, few queries, and
+    `settings.current().fused` allows it at this context length."""
     if num_queries > MAX_QUERIES or not kernels_run(device, requires_grad):
         return False
-    mode = setting()
-    return mode == "1" or (mode == "auto" and context_len >= FUSED_MIN_CONTEXT)
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    mode = settings.current().fused
+    return mode == "on" or (mode == "auto" and context_len >= FUSED_MIN_CONTEXT)
 
 
 def _kernels():
     """The Triton kernels (absorbed_partial, absorbed_combine, row_softmax_block), imported on
     first use: CPU-only installs never import Triton."""
-    from pipeline.model import absorbed_kernels as k
+    from pipeline.fastdecode import absorbed_kernels as k
 
     return k.absorbed_partial, k.absorbed_combine, k.row_softmax_block
-
-
-@functools.lru_cache(maxsize=None)
-def multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _chunks(width: int, block_e: int) -> int:
@@ -125,27 +85,6 @@ def default_config(width: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_S=16, BLOCK_E=16, num_warps=1, num_stages=1)
     block_e = 128
     return dict(BLOCK_M=16, BLOCK_S=32, BLOCK_E=block_e, num_warps=min(_chunks(width, block_e), 8), num_stages=3)
-
-
-def num_splits(context_len: int, batch: int, query_blocks: int, device: torch.device, waves: int = 1) -> int:
-    """Context ranges per sequence: `waves` programs per multiprocessor, each range >= 256 rows.
-
-    Fewer ranges mean smaller partial sums (splits x queries x E float32 per sequence, merged by
-    the combine kernel); more keep every multiprocessor busy.
-    """
-    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
-    want = max(1, -(-waves * sms // (query_blocks * batch)))
-    return max(1, min(want, -(-context_len // 256)))
-
-
-def mask_argument(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A (B, S) key mask as the kernels read it (uint8, its two strides); without a mask, any
-    tensor and zero strides (the kernels are compiled with HAS_MASK=False and never read it)."""
-    if mask is None:
-        return placeholder, (0, 0)
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return mask, (mask.stride(0), mask.stride(1))
 
 
 def partials(
@@ -285,21 +224,20 @@ def _row_softmax(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | No
     return out.view(bsz, rows, n)
 
 
-@torch.library.custom_op("cepe::row_softmax", mutates_args=())
+def _row_softmax_fake(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@register_op("row_softmax", _row_softmax_fake)
 def _row_softmax_op(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
     return _row_softmax(scores, scale, key_mask)
 
 
-@_row_softmax_op.register_fake
-def _(scores: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+def _absorbed_attention_fake(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None,
+                             scale: float) -> torch.Tensor:
+    return q_abs.new_empty(q_abs.shape, dtype=phi.dtype)
 
 
-@torch.library.custom_op("cepe::absorbed_attention", mutates_args=())
+@register_op("absorbed_attention", _absorbed_attention_fake)
 def _absorbed_attention_op(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     return fused_attention(q_abs, phi, key_mask, scale)
-
-
-@_absorbed_attention_op.register_fake
-def _(q_abs: torch.Tensor, phi: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return q_abs.new_empty(q_abs.shape, dtype=phi.dtype)
