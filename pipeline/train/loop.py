@@ -30,7 +30,20 @@ keys of each training stage). `task` is a `TrainTask`:
   is exact over windows and processes (default: none, no validation).
 - `save_model(model, directory, state_dict)`: the final export (default `save_pretrained`).
 - `tokens_in(batch) -> int`: tokens a batch processes, for tokens/s (default: every
-  `*input_ids` tensor's size, decoder and encoder tokens alike).
+  `*input_ids` tensor's size, decoder and encoder tokens alike; `metrics.json` also splits
+  them into `decoder_tokens_per_s` / `encoder_tokens_per_s`).
+- `flops_per_example`: analytic forward + backward FLOPs of one example
+  (`pipeline.train.flops`), or None; with it `metrics.json` reports FLOPs per step, achieved
+  FLOP/s and MFU against the device's bf16 peak (None on CPU).
+
+Wall-clock budget: `max_time_s` > 0 stops training at the first step boundary after that many
+seconds of the loop (steps and in-loop validation, summed over resumes), with a checkpoint, as
+if `max_steps` had been reached there; `metrics.json` records `steps`, `stopped_by` and the
+learning rate reached. The learning-rate schedule stays defined over `max_steps`, never over
+an estimate of the steps the budget allows: a step's learning rate then depends on the step
+alone, so a resumed run (or one on a faster machine) follows the same schedule. A profile that
+means "train for N minutes" sets `max_steps` to about what N minutes reach on its device, so
+the decay mostly completes, and the budget is the guarantee that the stage ends in time.
 
 Outputs under `options.output`: `config.yaml` (written by the stage), `checkpoints/step-N/`
 (trainable weights, optimiser, scheduler, RNG of every process, step and data position;
@@ -77,7 +90,7 @@ CHECKPOINT_PREFIX = "step-"
 
 # Options that change what is computed; a checkpoint resumes only a run that agrees on them.
 _NOT_MATH = {"output", "save_every", "keep_checkpoints", "log_every", "tensorboard", "num_workers",
-             "eval_every", "eval_windows", "eval_batch_size", "progress"}
+             "eval_every", "eval_windows", "eval_batch_size", "progress", "max_time_s"}
 
 
 @dataclass
@@ -86,6 +99,8 @@ class LoopOptions:
 
     output: str = field("runs/train", help="Output directory: model/, checkpoints/, metrics.json, steps.tsv.")
     max_steps: int = field(10, help="Optimiser steps to train for.")
+    max_time_s: float = field(0.0, help="Wall-clock budget of the loop in seconds: stop (with a checkpoint) at the first "
+                              "step boundary past it; 0: none. The LR schedule stays over max_steps.")
     batch_size: int = field(1, help="Sequences per process per micro-batch.")
     grad_accum: int = field(1, help="Micro-batches accumulated per optimiser step.")
     lr: float = field(3e-4, help="Peak learning rate (AdamW).")
@@ -119,7 +134,7 @@ class LoopOptions:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         non_negative = ("save_every", "eval_every", "eval_windows", "eval_batch_size", "num_workers",
-                        "weight_decay", "max_grad_norm")
+                        "weight_decay", "max_grad_norm", "max_time_s")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {getattr(self, key)}")
@@ -159,6 +174,45 @@ def _count_input_tokens(batch: dict[str, Any]) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v))
 
 
+def _tokens_of(batch: dict[str, Any], key: str) -> int:
+    """Tokens of one input of a batch (`input_ids`: the decoder's, `encoder_input_ids`); 0 if absent."""
+    ids = batch.get(key)
+    return ids.numel() if torch.is_tensor(ids) else 0
+
+
+def time_budget_spent(options: "LoopOptions", elapsed_s: float) -> bool:
+    """Whether `max_time_s` (0: none) is used up after `elapsed_s` seconds of the loop."""
+    return options.max_time_s > 0 and elapsed_s >= options.max_time_s
+
+
+def throughput_metrics(state: dict[str, Any], flops_per_example: float | None, world: int,
+                       device: torch.device) -> dict[str, Any]:
+    """tokens/s (all, decoder, encoder), FLOPs per step, achieved FLOP/s and MFU of a run.
+
+    MFU = flops_per_example x samples / loop seconds / (peak x processes); the peak is the
+    device's dense bf16 figure (`pipeline.train.flops.device_peak_flops`), None on CPU.
+    """
+    from pipeline.train.flops import device_peak_flops
+
+    secs, steps = state["elapsed_s"], state["step"]
+    rate = (lambda n: n / secs if secs else None)
+    out: dict[str, Any] = {"decoder_tokens_per_s": rate(state.get("decoder_tokens", 0)),
+                           "encoder_tokens_per_s": rate(state.get("encoder_tokens", 0))}
+    peak = device_peak_flops(device)
+    flops = flops_per_example * state["samples"] if flops_per_example else None
+    achieved = flops / secs if flops and secs else None
+    out.update({
+        "flops_per_example": flops_per_example,
+        "flops_per_step": flops / steps if flops and steps else None,
+        "model_flops_per_s": achieved,
+        "device_name": peak["device_name"],
+        "peak_flops_per_s": peak["peak_flops_per_s"],
+        "peak_source": peak["peak_source"],
+        "mfu": achieved / (peak["peak_flops_per_s"] * world) if achieved and peak["peak_flops_per_s"] else None,
+    })
+    return out
+
+
 def _save_pretrained(model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
 
@@ -176,6 +230,7 @@ class TrainTask:
     eval_nll: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
     save_model: Callable[[Any, Path, dict[str, torch.Tensor] | None], None] = _save_pretrained
     tokens_in: Callable[[dict[str, Any]], int] = _count_input_tokens
+    flops_per_example: float | None = None
     extra_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -543,8 +598,8 @@ class _Trainer:
         optimizer = build_optimizer(named, o)
         self.scheduler = build_scheduler(optimizer, o)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0,
-                                      "loss_first": None}
+        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "decoder_tokens": 0, "encoder_tokens": 0,
+                                      "elapsed_s": 0.0, "loss_first": None, "stopped_by": None}
         if resume_from is not None:
             self._load_rest(resume_from)
             self.log(f"resumed from {resume_from} at step {self.state['step']}")
@@ -598,14 +653,18 @@ class _Trainer:
         elapsed0 = st["elapsed_s"]
         val = None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        st["stopped_by"] = None
         with _SignalFlag() as flag:
-            while st["step"] < o.max_steps:
+            # a resumed run whose budget was already spent trains no further step
+            while st["step"] < o.max_steps and not time_budget_spent(o, st["elapsed_s"]):
                 loss_sum = torch.zeros((), device=acc.device)
                 extra: dict[str, torch.Tensor] = {}
-                step_tokens = 0
+                step_tokens = step_decoder_tokens = step_encoder_tokens = 0
                 for micro in range(o.grad_accum):
                     batch = _to_device(next(batches), acc.device)
                     step_tokens += task.tokens_in(batch) * world
+                    step_decoder_tokens += _tokens_of(batch, "input_ids") * world
+                    step_encoder_tokens += _tokens_of(batch, "encoder_input_ids") * world
                     sync = micro == o.grad_accum - 1
                     with contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.model):
                         with acc.autocast():
@@ -621,10 +680,16 @@ class _Trainer:
                 st["step"] += 1
                 st["samples"] += o.batch_size * o.grad_accum * world
                 st["tokens"] += step_tokens
+                st["decoder_tokens"] = st.get("decoder_tokens", 0) + step_decoder_tokens
+                st["encoder_tokens"] = st.get("encoder_tokens", 0) + step_encoder_tokens
                 st["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+                out_of_time = time_budget_spent(o, st["elapsed_s"])
+                if world > 1:  # every process stops at the same step: the first one out of time decides
+                    out_of_time = bool(acc.reduce(torch.tensor(float(out_of_time), device=acc.device), reduction="max"))
 
                 step = st["step"]
-                if step % o.log_every == 0 or step == o.max_steps or step == 1:
+                last = step == o.max_steps or out_of_time
+                if step % o.log_every == 0 or last or step == 1:
                     stats = torch.stack([loss_sum / o.grad_accum] + [v / o.grad_accum for v in extra.values()])
                     if world > 1:
                         stats = acc.reduce(stats, reduction="mean")
@@ -652,10 +717,15 @@ class _Trainer:
                     bar.close()
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(stop, path, step)
+                if out_of_time:
+                    self.save_checkpoint()
+                    self.log(f"max_time_s {o.max_time_s:g} s spent: stopped after step {step} of {o.max_steps}")
+                    break
                 if o.save_every and (step % o.save_every == 0 or step == o.max_steps):
                     self.save_checkpoint()
                 if o.eval_every and step % o.eval_every == 0 and step < o.max_steps:
                     val = self._validate(logger)
+        st["stopped_by"] = "max_steps" if st["step"] >= o.max_steps else "max_time_s"
         bar.close()
         return val
 
@@ -683,10 +753,15 @@ class _Trainer:
             "val_ppl": val.get("val_ppl"),
             "val_tokens": val.get("val_tokens"),
             "steps": st["step"],
+            "max_steps": o.max_steps,
+            "max_time_s": o.max_time_s,
+            "stopped_by": st.get("stopped_by"),
+            "lr_last": self.scheduler.get_last_lr()[0],
             "tokens_seen": st["tokens"],
             "samples_seen": st["samples"],
             "wall_time_s": st["elapsed_s"],
             "tokens_per_s": st["tokens"] / st["elapsed_s"] if st["elapsed_s"] else None,
+            **throughput_metrics(st, self.task.flops_per_example, acc.num_processes, acc.device),
             "peak_memory_gb": peak,
             "peak_memory_kind": peak_kind,
             "num_processes": acc.num_processes,
