@@ -76,6 +76,12 @@ class PrepareConfig:
     domains: list[str] = field(default_factory=list, help="Keep only these domains (empty: all).")
     prevdoc_domains: list[str] = field(default_factory=list,
                                        help="Domains that feed prevdoc windows in a mix (empty: all); the paper's RP-filter uses arxiv and book.")
+    heldout_sources: list[str] = field(default_factory=list,
+                                       help="Domains held out of training: every document of theirs goes to the test split "
+                                       "(a domain no training window comes from), whatever its hash.")
+    export_documents: list[str] = field(default_factory=list,
+                                        help="Splits whose kept documents are also written whole to <output>/documents/<split>.jsonl.gz "
+                                        "({id, domain, text, heldout_source}): the held-out documents `cepe evaluate --task ppl` reads.")
     max_documents: int = field(0, help="Stop after this many kept documents (0: read everything).")
     max_tokens: int = field(0, help="Stop after this many kept document tokens (0: read everything).")
     shard_size_mb: float = field(64.0, help="Target shard size in MiB (rows per shard = size / row bytes).")
@@ -100,6 +106,11 @@ class PrepareConfig:
         if not self.output:
             raise ConfigError("output: expected a directory")
         self._check_splits()
+        if self.heldout_sources and "test" not in self.splits:
+            raise ConfigError("heldout_sources: the documents of a held-out source go to the test split; splits has no 'test'")
+        unknown = [s for s in self.export_documents if s not in self.splits]
+        if unknown:
+            raise ConfigError(f"export_documents: {unknown[0]!r} is not one of the splits ({', '.join(self.splits)})")
         weights = self.layout_weights()
         if "mlm" in weights and len(weights) > 1:
             raise ConfigError("mix: mlm rows have no encoder column and cannot be mixed with other layouts")
@@ -224,6 +235,44 @@ class _SplitAssembler:
         return self.writer.close(), surplus
 
 
+class _DocumentExport:
+    """The kept documents of chosen splits, whole, as `documents/<split>.jsonl.gz` in the output
+    (gzip without a timestamp, so the same input gives the same bytes)."""
+
+    def __init__(self, root: Path, splits: list[str], heldout: set[str]) -> None:
+        import gzip
+        import hashlib
+
+        self.heldout = heldout
+        self.files: dict[str, Any] = {}
+        self.counts = {s: 0 for s in splits}
+        self.paths = {s: root / "documents" / f"{s}.jsonl.gz" for s in splits}
+        self._hash = hashlib.sha256
+        for split, path in self.paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = open(path, "wb")
+            self.files[split] = (raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
+
+    def add(self, split: str, doc: Any) -> None:
+        import json
+
+        if split in self.files:
+            row = {"id": doc.id, "domain": doc.domain, "text": doc.text, "heldout_source": doc.domain in self.heldout}
+            self.files[split][1].write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            self.counts[split] += 1
+
+    def close(self) -> None:
+        for raw, gz in self.files.values():
+            gz.close()
+            raw.close()
+        self.files = {}
+
+    def summary(self) -> dict[str, Any]:
+        """{split: {path (relative to the output), documents, sha256}}."""
+        return {s: {"path": f"documents/{s}.jsonl.gz", "documents": self.counts[s],
+                    "sha256": self._hash(p.read_bytes()).hexdigest()} for s, p in self.paths.items()}
+
+
 def _batches(docs, max_chars: int = 1_000_000, max_docs: int = 256):
     """Group documents into tokenizer batches of about `max_chars` characters."""
     batch, chars = [], 0
@@ -298,6 +347,13 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
         if not domains & available:
             raise ConfigError(f"domains: no source has domain {', '.join(sorted(domains))} (sources give {', '.join(sorted(available))})")
     selected = [i for i, s in enumerate(specs) if not domains or _source_domains(s) & domains]
+    heldout = set(config.heldout_sources)
+    if heldout:
+        available = set().union(*(_source_domains(specs[i]) for i in selected))
+        missing = sorted(heldout - available)
+        if missing:
+            raise ConfigError(f"heldout_sources: no selected source has domain {missing[0]!r} "
+                              f"(sources give {', '.join(sorted(available))})")
     tok = load_tokenizer(config.tokenizer)
     tok_info = tokenizer_info(tok, config.tokenizer)
 
@@ -331,6 +387,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
         index_map = {k: i for k, i in enumerate(selected)}
         docs = (dataclasses.replace(d, source=index_map[d.source]) for d in docs)
         bar = tqdm(desc="prepare-data", unit="doc", disable=None)
+        exports = _DocumentExport(Path(tmp), config.export_documents, heldout)
         try:
             with OrderedPool(DocumentTokenizer(tok), num_proc) as pool:
                 # Unwanted documents (empty, other domain) travel as "" so that every count is
@@ -364,7 +421,9 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
                         src.add("tokens", n)
                         kept_docs += 1
                         kept_tokens += n
-                        assemblers[assign_split(h, config.splits)].push(doc, tokens)
+                        split = "test" if doc.domain in heldout else assign_split(h, config.splits)
+                        assemblers[split].push(doc, tokens)
+                        exports.add(split, doc)
                         if (config.max_documents and kept_docs >= config.max_documents) or (
                             config.max_tokens and kept_tokens >= config.max_tokens
                         ):
@@ -379,6 +438,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
             raise
         finally:
             bar.close()
+            exports.close()
 
         if not stopped_by_budget:
             for i in selected:
@@ -438,6 +498,8 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
             "skipped_examples": skips.samples,
             "rows_dropped": {"mix_surplus": dict(sorted(surplus_total.items()))} if len(weights) > 1 else {},
             "prevdoc_documents_without_window": short_prevdoc if "prevdoc" in weights else 0,
+            "heldout_sources": sorted(heldout),
+            "document_files": exports.summary(),
             "sources": [
                 {**s.describe(), "documents_read": per_source[i].get("read", 0), "documents_kept": per_source[i].get("kept", 0),
                  "tokens": per_source[i].get("tokens", 0),
