@@ -64,3 +64,15 @@ def test_bad_held_out_settings_are_refused(tmp_path, two_sources):
     with pytest.raises(ConfigError, match="export_documents: 'dev'"):
         PrepareConfig(export_documents=["dev"])
     assert not (tmp_path / "out").exists()
+
+
+def test_corpus_dir_stands_for_the_folder_in_source_specs(tmp_path, two_sources):
+    folder = two_sources[0].parent
+    _, a = build(tmp_path, [two_sources[0]], "a")
+    cfg = PrepareConfig(**{**SMALL, "source": ["{corpus_dir}/emma.jsonl"], "corpus_dir": str(folder),
+                           "layout": "concat", "output": str(tmp_path / "b")})
+    run(cfg)
+    manifest = lambda root: json.loads((root / "manifest.json").read_text())  # noqa: E731
+    assert manifest(tmp_path / "b")["fingerprint"] == manifest(a)["fingerprint"]
+    with pytest.raises(ConfigError, match="corpus_dir: a source names"):
+        PrepareConfig(source=["{corpus_dir}/x.jsonl"], corpus_dir="")

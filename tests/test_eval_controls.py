@@ -108,3 +108,13 @@ def test_cli_reports_controls_intervals_and_context_use(tmp_path):
     assert set(m["by_source"]["768"]) == {"x", "y"}
     for src in ("x", "y"):
         assert m["by_source"]["768"][src]["context_use"]["n_windows"] > 0
+
+
+def test_a_per_source_cap_keeps_every_source():
+    docs = docs3()
+    windows = ppl.make_windows(docs, 256, 64, None, None, 0, max_windows_per_source=5)
+    by = {}
+    for d, _ in windows:
+        by[docs[d].source] = by.get(docs[d].source, 0) + 1
+    assert by == {"alpha": 5, "beta": 5} and windows == sorted(windows)
+    assert windows == ppl.make_windows(docs, 256, 64, None, None, 0, max_windows_per_source=5)

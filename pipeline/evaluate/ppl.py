@@ -173,9 +173,11 @@ def tokenize_documents(docs: list[Any], tokenizer: Any, min_tokens: int) -> list
 
 
 def make_windows(docs: list[Any], total: int, stride: int, max_windows: int | None,
-                 max_windows_per_doc: int | None, seed: int) -> list[tuple[int, int]]:
+                 max_windows_per_doc: int | None, seed: int, max_windows_per_source: int | None = None) -> list[tuple[int, int]]:
     """(document index, start) of each window: starts 0, stride, 2*stride... while the window fits;
-    the first `max_windows_per_doc` per document; a seeded random `max_windows` of all, in order."""
+    the first `max_windows_per_doc` per document; a seeded random `max_windows_per_source` of each
+    source's (so a source of long documents does not crowd out the others); a seeded random
+    `max_windows` of all; in order."""
     windows = []
     for d, doc in enumerate(docs):
         ids = doc[1]
@@ -183,6 +185,13 @@ def make_windows(docs: list[Any], total: int, stride: int, max_windows: int | No
         if max_windows_per_doc is not None:
             starts = starts[:max_windows_per_doc]
         windows.extend((d, s) for s in starts)
+    if max_windows_per_source is not None:
+        by_source: dict[str, list[tuple[int, int]]] = {}
+        for w in windows:
+            by_source.setdefault(Doc(*docs[w[0]]).source, []).append(w)
+        windows = sorted(w for src, ws in by_source.items()
+                         for w in (random.Random(f"{seed}:{src}").sample(ws, max_windows_per_source)
+                                   if len(ws) > max_windows_per_source else ws))
     if max_windows is not None and len(windows) > max_windows:
         windows = sorted(random.Random(seed).sample(windows, max_windows))
     return windows

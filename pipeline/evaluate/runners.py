@@ -117,7 +117,8 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
         if shard_windows:
             windows = [(i, 0) for i in range(len(docs))]
         else:
-            windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed)
+            windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed,
+                                       config.max_windows_per_source)
         if not windows:
             raise CepeError(f"lengths: no window of {spec.total} tokens fits the documents")
         sources = [docs[d].source for d, _ in windows]

@@ -58,6 +58,7 @@ class EvaluateConfig:
     eval_window: int = field(256, help="ppl: score the last N tokens of each window")
     max_windows: int | None = field(50, help="ppl: at most N windows per length (seeded random choice); null = all")
     max_windows_per_doc: int | None = field(None, help="ppl: at most N windows per document (paper 128K: 1)")
+    max_windows_per_source: int | None = field(None, help="ppl: at most N windows per source (seeded random choice), before max_windows")
     min_doc_tokens: int | None = field(None, help="ppl: keep documents with at least N tokens (default: the longest total)")
     shard_split: str = field("test", help="ppl: split read when data is a prepare-data shard directory")
     baselines: list[str] = field(default_factory=lambda: ["decoder-only", "full-context"],
@@ -80,7 +81,8 @@ class EvaluateConfig:
         for name in ("batch_size", "chunk_len", "stride", "eval_window", "num_samples", "decoder_len", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("limit", "max_length", "decoder_max_len", "max_new_tokens", "max_windows", "max_windows_per_doc"):
+        for name in ("limit", "max_length", "decoder_max_len", "max_new_tokens", "max_windows", "max_windows_per_doc",
+                     "max_windows_per_source"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: expected a positive integer or null, got {value}")

@@ -55,6 +55,9 @@ class PrepareConfig:
         ".jsonl/.json/.parquet/.txt (optionally .gz/.zst), or hf:NAME[:CONFIG[:SPLIT]]; keys domain, "
         "weight, text_field, id_field, data_files.",
     )
+    corpus_dir: str = field("pipeline/resources/corpus",
+                            help="The folder `{corpus_dir}` stands for in a source spec (e.g. {corpus_dir}/perl-doc.jsonl.gz); "
+                            "dvc.yaml makes it a dependency of the prepare stages.")
     tokenizer: str = field("embedded", help="Decoder tokenizer: embedded (SmolLM2), a local folder, or a transformers name.")
     layout: Literal["prevdoc", "concat", "duplicate", "mlm", "mix"] = field(
         "mix", help="Example layout: prevdoc, concat, duplicate (warm-up), mlm, or mix (ratios in `mix`)."
@@ -91,6 +94,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ConfigError("source: expected at least one source (e.g. embedded)")
+        if not self.corpus_dir and any("{corpus_dir}" in str(s) for s in self.source):
+            raise ConfigError("corpus_dir: a source names {corpus_dir} but corpus_dir is empty")
         if not self.tokenizer:
             raise ConfigError("tokenizer: expected a tokenizer name or path (e.g. embedded)")
         for key in ("decoder_len", "n_chunks", "chunk_len", "mlm_len"):
@@ -286,6 +291,13 @@ def _batches(docs, max_chars: int = 1_000_000, max_docs: int = 256):
         yield batch
 
 
+def _in_corpus_dir(spec: str | dict, corpus_dir: str) -> str | dict:
+    """A source spec with `{corpus_dir}` replaced by the configured folder."""
+    if isinstance(spec, dict):
+        return {k: _in_corpus_dir(v, corpus_dir) if k in ("source", "spec", "path") else v for k, v in spec.items()}
+    return str(spec).replace("{corpus_dir}", corpus_dir.rstrip("/"))
+
+
 def _wanted(doc, domains: set[str]) -> bool:
     return bool(doc.text) and not doc.text.isspace() and (not domains or doc.domain in domains)
 
@@ -339,7 +351,7 @@ def _run(config: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     weights = config.layout_weights()
-    specs = [parse_source(s, config.text_field, config.id_field) for s in config.source]
+    specs = [parse_source(_in_corpus_dir(s, config.corpus_dir), config.text_field, config.id_field) for s in config.source]
     check_sources(specs)
     domains = set(config.domains)
     if domains:
