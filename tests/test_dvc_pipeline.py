@@ -40,13 +40,14 @@ SECTIONS = {
     "teacher_logits": TeacherLogitsConfig,
     "distill": DistillConfig,
     "evaluate_ppl": EvaluateConfig,
+    "evaluate_ppl_long": EvaluateConfig,
     "evaluate_ruler": EvaluateConfig,
     "evaluate_longbench": EvaluateConfig,
     "evaluate": EvaluateConfig,
 }
 STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
-          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ruler"]
-DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler"}
+          "teacher_logits", "distill", "evaluate@ppl", "evaluate@ppl_long", "evaluate@ruler"]
+DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ppl_long", "evaluate@ruler"}
 
 
 def _profile(name: str) -> Path:
@@ -97,13 +98,35 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile):
     assert p["distill"]["data"] == [p["prepare"]["output"]]
     assert p["distill"]["logits"] == [p["teacher_logits"]["output"]]
     assert _model_dir(p["distill"]["model"]) == p["warmup"]["output"] + "/model"
-    for section in ("evaluate_ppl", "evaluate_ruler", "evaluate_longbench"):
+    for section in ("evaluate_ppl", "evaluate_ppl_long", "evaluate_ruler", "evaluate_longbench"):
         assert _model_dir(p[section]["model"]) == p["train"]["output"] + "/model", section
         assert p[section]["tokenizer"] == decoder, section
     assert p["prepare_mlm"]["layout"] == "mlm" and p["prepare_warmup"]["layout"] == "duplicate"
     # the teacher and the student must agree on the window split they were computed for
     for key in ("teacher_context_len", "decoder_len", "k", "temperature"):
         assert p["distill"][key] == p["teacher_logits"][key], key
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_held_out_documents_never_reach_a_training_stage(profile):
+    """The prepare sections split documents alike (a test document of one is a test document of
+    all), and a held-out domain is held out by every prepare section that reads it."""
+    from pipeline.data.sources import parse_source
+    from pipeline.stages.prepare_data import _in_corpus_dir, _source_domains
+
+    p = read_params(_profile(profile))
+    sections = ("prepare_mlm", "prepare_warmup", "prepare")
+    assert len({json.dumps(p[s]["splits"], sort_keys=True) for s in sections}) == 1
+    held = set().union(*(p[s]["heldout_sources"] for s in sections))
+    for s in sections:
+        if p[s]["source"] and all(str(x).startswith(("embedded", "{corpus_dir}")) for x in p[s]["source"]):
+            domains = set().union(*(_source_domains(parse_source(_in_corpus_dir(x, p[s]["corpus_dir"]), "text", "id"))
+                                    for x in p[s]["source"]))
+            assert held & domains <= set(p[s]["heldout_sources"]), (s, held & domains)
+    for section in ("evaluate_ppl", "evaluate_ppl_long"):
+        data = p[section]["data"]
+        if data.startswith(p["prepare"]["output"] + "/documents/"):
+            assert data.split("/")[-1].split(".")[0] in p["prepare"]["export_documents"], section
 
 
 def test_every_dvc_stage_reads_its_own_section():
@@ -228,8 +251,20 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
     files = revision["data"]
     assert len(files) == sum(d["metric"] for d in declared) and all("error" not in v for v in files.values())
     assert json.loads((repo / "runs/train/metrics.json").read_text())["steps"] == 2
-    ppl = json.loads((repo / "reports/evaluate/ppl/metrics.json").read_text())["ppl"]
+    warm = json.loads((repo / "runs/warmup/metrics.json").read_text())
+    assert warm["stopped_by"] == "max_time_s" and 1 <= warm["steps"] < warm["max_steps"], warm
+    assert warm["decoder_tokens_per_s"] > 0 and warm["encoder_tokens_per_s"] > 0 and warm["flops_per_step"] > 0
+    evaluated = json.loads((repo / "reports/evaluate/ppl/metrics.json").read_text())
+    ppl = evaluated["ppl"]
     assert set(ppl) == {"128", "192"} and ppl["192"]["cepe"]["ppl"] > 1
+    # the controls read prepare's held-out documents: the held-out KJV and the ABS guide's test documents
+    assert evaluated["heldout_sources"] == ["bible"]
+    for length in ("128", "192"):
+        assert ppl[length]["other-document"]["n_windows"] > 0 and ppl[length]["other-source"]["n_windows"] > 0
+        assert evaluated["differences"][length]["other-document"]["nll_ci"] is not None
+        assert evaluated["context_use"][length]["n_windows"] > 0
+    long = json.loads((repo / "reports/evaluate/ppl_long/metrics.json").read_text())["ppl"]
+    assert set(long) == {"128", "192", "256"} and all(long[k]["other-document"]["n_windows"] for k in long)
     plots = json.loads(_run([str(dvc), "plots", "show", "--json"], repo, env))
     assert "errors" not in plots and all(v and v[0]["content"]["data"]["values"] for v in plots["data"].values())
 
