@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher-logits": ("cepe_cli.distill", "Precompute the teacher's top-k probabilities (CEPED)."),
     "distill": ("cepe_cli.distill", "CEPED: CE + KL(teacher || student) distillation."),
     "evaluate": ("cepe_cli.evaluate", "Evaluate a model: ppl, longbench, zeroscrolls, ruler."),
+    "results": ("cepe_cli.results", "Gather a dvc repro run's numbers into docs/results (pipeline, fidelity, stages)."),
     "bench": ("cepe_cli.bench", "Memory and speed of CEPE against full attention."),
     "convert-decoder": ("cepe_cli.convert", "Convert a decoder (e.g. the packaged SmolLM2 GGUF) to safetensors."),
     "use-profile": ("cepe_cli.profiles", "Switch params.yaml to a profile: cpu, tiny, gpu, paper."),

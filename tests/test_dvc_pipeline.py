@@ -22,6 +22,7 @@ from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
 from pipeline.stages.prepare_data import PrepareConfig
 from pipeline.stages.pretrain_encoder import PretrainEncoderConfig
+from pipeline.stages.results import ResultsConfig
 from pipeline.stages.teacher_logits import TeacherLogitsConfig
 from pipeline.stages.train import TrainConfig
 from pipeline.stages.warmup import WarmupConfig
@@ -44,6 +45,7 @@ SECTIONS = {
     "evaluate_ruler": EvaluateConfig,
     "evaluate_longbench": EvaluateConfig,
     "evaluate": EvaluateConfig,
+    "results": ResultsConfig,
 }
 STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
           "teacher_logits", "distill", "evaluate@ppl", "evaluate@ppl_long", "evaluate@ruler"]
@@ -65,7 +67,7 @@ def test_profile_loads_into_every_stage_config(profile):
     assert set(SECTIONS) <= set(params), f"{profile}: missing sections {set(SECTIONS) - set(params)}"
     for section, cls in SECTIONS.items():
         config = load_config(cls, section, _profile(profile))  # an unknown or mistyped key raises here
-        assert getattr(config, "output", None) or section == "evaluate"
+        assert getattr(config, "output", None) or section in ("evaluate", "results")
     assert isinstance(params["num_processes"], int) and params["num_processes"] >= 1
 
 
@@ -265,6 +267,14 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
         assert evaluated["context_use"][length]["n_windows"] > 0
     long = json.loads((repo / "reports/evaluate/ppl_long/metrics.json").read_text())["ppl"]
     assert set(long) == {"128", "192", "256"} and all(long[k]["other-document"]["n_windows"] for k in long)
+    # `cepe results` gathers the run's own outputs (no log here: no stage times)
+    _run([str(bindir / "cepe"), "results", "--log", "", "--output-dir", "results"], repo, env)
+    summary = json.loads((repo / "results/pipeline_tiny.json").read_text())
+    assert summary["ppl"]["192"]["cepe"] == ppl["192"]["cepe"]["ppl"]
+    assert summary["warmup_loss_first"] == warm["loss_first"] and summary["steps"]["warmup"]["stopped_by"] == "max_time_s"
+    fidelity = json.loads((repo / "results/fidelity.json").read_text())
+    assert fidelity["heldout_source"]["name"] == "bible" and set(fidelity["ppl_by_context"]) == {"64", "128", "192"}
+    assert fidelity["context_use_2k"]["value"] == evaluated["context_use"]["128"]["value"]
     plots = json.loads(_run([str(dvc), "plots", "show", "--json"], repo, env))
     assert "errors" not in plots and all(v and v[0]["content"]["data"]["values"] for v in plots["data"].values())
 
