@@ -113,6 +113,7 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     flops = mlm_example_flops(Stack.from_config(model.config), model.config.vocab_size, window) if window else None
     task = TrainTask(model=model, train_data=train, collate=collate, compute_loss=mlm_loss,
                      val_data=val, val_collate=collate, eval_nll=eval_mlm_nll, flops_per_example=flops,
+                     token_roles={"input_ids": "encoder"},
                      extra_metrics={"stage": "pretrain-encoder", "init": config.init,
                                     "encoder_params": sum(p.numel() for p in model.model.parameters())})
     return run_training(task, config, resume=resume)

@@ -30,8 +30,10 @@ keys of each training stage). `task` is a `TrainTask`:
   is exact over windows and processes (default: none, no validation).
 - `save_model(model, directory, state_dict)`: the final export (default `save_pretrained`).
 - `tokens_in(batch) -> int`: tokens a batch processes, for tokens/s (default: every
-  `*input_ids` tensor's size, decoder and encoder tokens alike; `metrics.json` also splits
-  them into `decoder_tokens_per_s` / `encoder_tokens_per_s`).
+  `*input_ids` tensor's size, decoder and encoder tokens alike).
+- `token_roles`: which batch input holds whose tokens (default `input_ids` the decoder's,
+  `encoder_input_ids` the encoder's; the MLM stage's `input_ids` are the encoder's), for
+  `decoder_tokens_per_s` / `encoder_tokens_per_s` in `metrics.json`.
 - `flops_per_example`: analytic forward + backward FLOPs of one example
   (`pipeline.train.flops`), or None; with it `metrics.json` reports FLOPs per step, achieved
   FLOP/s and MFU against the device's bf16 peak (None on CPU).
@@ -174,10 +176,18 @@ def _count_input_tokens(batch: dict[str, Any]) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v))
 
 
-def _tokens_of(batch: dict[str, Any], key: str) -> int:
-    """Tokens of one input of a batch (`input_ids`: the decoder's, `encoder_input_ids`); 0 if absent."""
-    ids = batch.get(key)
-    return ids.numel() if torch.is_tensor(ids) else 0
+ROLES = ("decoder", "encoder")
+DEFAULT_TOKEN_ROLES = {"input_ids": "decoder", "encoder_input_ids": "encoder"}
+
+
+def _tokens_by_role(batch: dict[str, Any], roles: dict[str, str]) -> dict[str, int]:
+    """{role: tokens} of a batch, each input counted for the role `roles` gives it."""
+    out = dict.fromkeys(ROLES, 0)
+    for key, role in roles.items():
+        ids = batch.get(key)
+        if torch.is_tensor(ids):
+            out[role] += ids.numel()
+    return out
 
 
 def time_budget_spent(options: "LoopOptions", elapsed_s: float) -> bool:
@@ -196,8 +206,8 @@ def throughput_metrics(state: dict[str, Any], flops_per_example: float | None, w
 
     secs, steps = state["elapsed_s"], state["step"]
     rate = (lambda n: n / secs if secs else None)
-    out: dict[str, Any] = {"decoder_tokens_per_s": rate(state.get("decoder_tokens", 0)),
-                           "encoder_tokens_per_s": rate(state.get("encoder_tokens", 0))}
+    role_tokens = state.get("role_tokens") or {}
+    out: dict[str, Any] = {f"{r}_tokens_per_s": rate(role_tokens.get(r, 0)) for r in ROLES}
     peak = device_peak_flops(device)
     flops = flops_per_example * state["samples"] if flops_per_example else None
     achieved = flops / secs if flops and secs else None
@@ -231,6 +241,7 @@ class TrainTask:
     save_model: Callable[[Any, Path, dict[str, torch.Tensor] | None], None] = _save_pretrained
     tokens_in: Callable[[dict[str, Any]], int] = _count_input_tokens
     flops_per_example: float | None = None
+    token_roles: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOKEN_ROLES))
     extra_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -598,7 +609,7 @@ class _Trainer:
         optimizer = build_optimizer(named, o)
         self.scheduler = build_scheduler(optimizer, o)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "decoder_tokens": 0, "encoder_tokens": 0,
+        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "role_tokens": dict.fromkeys(ROLES, 0),
                                       "elapsed_s": 0.0, "loss_first": None, "stopped_by": None}
         if resume_from is not None:
             self._load_rest(resume_from)
@@ -659,12 +670,12 @@ class _Trainer:
             while st["step"] < o.max_steps and not time_budget_spent(o, st["elapsed_s"]):
                 loss_sum = torch.zeros((), device=acc.device)
                 extra: dict[str, torch.Tensor] = {}
-                step_tokens = step_decoder_tokens = step_encoder_tokens = 0
+                step_tokens = 0
                 for micro in range(o.grad_accum):
                     batch = _to_device(next(batches), acc.device)
                     step_tokens += task.tokens_in(batch) * world
-                    step_decoder_tokens += _tokens_of(batch, "input_ids") * world
-                    step_encoder_tokens += _tokens_of(batch, "encoder_input_ids") * world
+                    for role, n in _tokens_by_role(batch, task.token_roles).items():
+                        st["role_tokens"][role] = st["role_tokens"].get(role, 0) + n * world
                     sync = micro == o.grad_accum - 1
                     with contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.model):
                         with acc.autocast():
@@ -680,8 +691,6 @@ class _Trainer:
                 st["step"] += 1
                 st["samples"] += o.batch_size * o.grad_accum * world
                 st["tokens"] += step_tokens
-                st["decoder_tokens"] = st.get("decoder_tokens", 0) + step_decoder_tokens
-                st["encoder_tokens"] = st.get("encoder_tokens", 0) + step_encoder_tokens
                 st["elapsed_s"] = elapsed0 + time.perf_counter() - t0
                 out_of_time = time_budget_spent(o, st["elapsed_s"])
                 if world > 1:  # every process stops at the same step: the first one out of time decides
