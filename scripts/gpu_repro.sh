@@ -23,7 +23,8 @@ command -v dvc >/dev/null || { echo "dvc is not installed (pip install dvc)" >&2
 git rev-parse --git-dir >/dev/null 2>&1 || dvc config --local core.no_scm true
 if ! command -v cepe >/dev/null; then
     mkdir -p .gpu/bin
-    printf '#!/usr/bin/env bash\nexec env PYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" python -m cepe_cli.main "$@"\n' "$PWD" > .gpu/bin/cepe
+    py=$(command -v python3 || command -v python)
+    printf '#!/usr/bin/env bash\nexec env PYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" "%s" -m cepe_cli.main "$@"\n' "$PWD" "$py" > .gpu/bin/cepe
     chmod +x .gpu/bin/cepe
     export PATH="$PWD/.gpu/bin:$PATH"
 fi
