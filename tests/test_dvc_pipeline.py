@@ -28,7 +28,7 @@ PROFILES = ("cpu", "tiny", "gpu", "paper")
 SECTIONS = {section: stage.section_config(section) for stage in registry.STAGES
             for section in stage.sections + stage.hand_sections}
 STAGES = [name for stage in registry.STAGES for name in stage.dvc_stages]  # as DVC addresses them
-DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ruler", "plots"}
+DOWNSTREAM_OF_TRAIN = {"train", "evaluate@ppl", "evaluate@ppl_long", "evaluate@ruler", "plots"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_profile_loads_into_every_stage_config(profile, rendered):
     assert set(SECTIONS) <= set(params), f"{profile}: missing sections {set(SECTIONS) - set(params)}"
     for section, cls in SECTIONS.items():
         config = load_config(cls, section, rendered / f"{profile}.yaml")  # an unknown or mistyped key raises here
-        assert getattr(config, "output", None) or getattr(config, "output_dir", None) or section in ("evaluate", "generate", "serve")
+        assert getattr(config, "output", None) or getattr(config, "output_dir", None) or section in ("evaluate", "generate", "serve", "results")
     assert isinstance(params["num_processes"], int) and params["num_processes"] >= 1
 
 
@@ -84,7 +84,7 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile, rendered):
     assert p["distill"]["data"] == [p["prepare"]["output"]]
     assert p["distill"]["logits"] == [p["teacher_logits"]["output"]]
     assert _model_dir(p["distill"]["model"]) == p["warmup"]["output"] + "/model"
-    for section in ("evaluate_ppl", "evaluate_ruler", "evaluate_longbench"):
+    for section in ("evaluate_ppl", "evaluate_ppl_long", "evaluate_ruler", "evaluate_longbench"):
         assert _model_dir(p[section]["model"]) == p["train"]["output"] + "/model", section
         assert p[section]["tokenizer"] == decoder, section
     # the plots stage's deps are these sections' outputs (dvc.yaml): its runs must be the same
@@ -94,6 +94,28 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile, rendered):
     # the teacher and the student must agree on the window split they were computed for
     for key in ("teacher_context_len", "decoder_len", "k", "temperature"):
         assert p["distill"][key] == p["teacher_logits"][key], key
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_held_out_documents_never_reach_a_training_stage(profile, rendered):
+    """The prepare sections split documents alike (a test document of one is a test document of
+    all), and a held-out domain is held out by every prepare section that reads it."""
+    from pipeline.data.sources import parse_source
+    from pipeline.data.build import _in_corpus_dir, _source_domains
+
+    p = read_params(rendered / f"{profile}.yaml")
+    sections = ("prepare_mlm", "prepare_warmup", "prepare")
+    assert len({json.dumps(p[s]["splits"], sort_keys=True) for s in sections}) == 1
+    held = set().union(*(p[s]["heldout_sources"] for s in sections))
+    for s in sections:
+        if p[s]["source"] and all(str(x).startswith(("embedded", "{corpus_dir}")) for x in p[s]["source"]):
+            domains = set().union(*(_source_domains(parse_source(_in_corpus_dir(x, p[s]["corpus_dir"]), "text", "id"))
+                                    for x in p[s]["source"]))
+            assert held & domains <= set(p[s]["heldout_sources"]), (s, held & domains)
+    for section in ("evaluate_ppl", "evaluate_ppl_long"):
+        data = p[section]["data"]
+        if data.startswith(p["prepare"]["output"] + "/documents/"):
+            assert data.split("/")[-1].split(".")[0] in p["prepare"]["export_documents"], section
 
 
 def test_every_dvc_stage_reads_its_own_section():
@@ -365,8 +387,28 @@ def test_dvc_repro_runs_the_tiny_profile_end_to_end_then_only_what_a_param_reach
     files = revision["data"]
     assert len(files) == sum(d["metric"] for d in declared) and all("error" not in v for v in files.values())
     assert json.loads((repo / "runs/train/metrics.json").read_text())["steps"] == 2
-    ppl = json.loads((repo / "reports/evaluate/ppl/metrics.json").read_text())["ppl"]
+    warm = json.loads((repo / "runs/warmup/metrics.json").read_text())
+    assert warm["stopped_by"] == "max_time_s" and 1 <= warm["steps"] < warm["max_steps"], warm
+    assert warm["decoder_tokens_per_s"] > 0 and warm["encoder_tokens_per_s"] > 0 and warm["flops_per_step"] > 0
+    evaluated = json.loads((repo / "reports/evaluate/ppl/metrics.json").read_text())
+    ppl = evaluated["ppl"]
     assert set(ppl) == {"128", "192"} and ppl["192"]["cepe"]["ppl"] > 1
+    # the controls read prepare's held-out documents: the held-out KJV and the ABS guide's test documents
+    assert evaluated["heldout_sources"] == ["bible"]
+    for length in ("128", "192"):
+        assert ppl[length]["other-document"]["n_windows"] > 0 and ppl[length]["other-source"]["n_windows"] > 0
+        assert evaluated["differences"][length]["other-document"]["nll_ci"] is not None
+        assert evaluated["context_use"][length]["n_windows"] > 0
+    long = json.loads((repo / "reports/evaluate/ppl_long/metrics.json").read_text())["ppl"]
+    assert set(long) == {"128", "192", "256"} and all(long[k]["other-document"]["n_windows"] for k in long)
+    # `cepe results` gathers the run's own outputs (no log here: no stage times)
+    _run([str(bindir / "cepe"), "results", "--log", "", "--output-dir", "results"], repo, env)
+    summary = json.loads((repo / "results/pipeline_tiny.json").read_text())
+    assert summary["ppl"]["192"]["cepe"] == ppl["192"]["cepe"]["ppl"]
+    assert summary["warmup_loss_first"] == warm["loss_first"] and summary["steps"]["warmup"]["stopped_by"] == "max_time_s"
+    fidelity = json.loads((repo / "results/fidelity.json").read_text())
+    assert fidelity["heldout_source"]["name"] == "bible" and set(fidelity["ppl_by_context"]) == {"64", "128", "192"}
+    assert fidelity["context_use_2k"]["value"] == evaluated["context_use"]["128"]["value"]
     plots = json.loads(_run([str(dvc), "plots", "show", "--json"], repo, env))
     # images only (the plots stage's SVGs): the page dvc writes loads nothing from a CDN
     assert "errors" not in plots and len(plots["data"]) == 5

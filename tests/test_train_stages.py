@@ -60,6 +60,9 @@ def test_pretrain_encoder_learns_and_saves_a_loadable_encoder(world, tmp_path):
     metrics = run_pretrain(config)
     assert metrics["loss"] < metrics["loss_first"] - 0.5, metrics
     assert metrics["val_ppl"] < 129  # below uniform guessing over the vocabulary + [MASK]
+    # the MLM stage's inputs are encoder tokens, and its FLOPs the MLM count of its windows
+    assert metrics["decoder_tokens_per_s"] == 0 and metrics["encoder_tokens_per_s"] > 0
+    assert metrics["flops_per_step"] == pytest.approx(8 * metrics["flops_per_example"]) and metrics["flops_per_example"] > 0
     from pipeline.model import load_encoder
 
     encoder = load_encoder(tmp_path / "enc" / "model")
@@ -79,6 +82,8 @@ def test_warmup_learns_to_copy_with_a_frozen_decoder(world, tmp_path, encoder):
     assert metrics["loss"] < metrics["loss_first"] - 1.5, metrics
     assert metrics["val_loss"] < metrics["loss_first"] - 1.0, metrics
     assert metrics["eval_last_tokens"] == 16
+    assert metrics["decoder_tokens_per_s"] > 0 and metrics["encoder_tokens_per_s"] > 0  # both sides counted
+    assert metrics["flops_per_example"] > 0 and metrics["stopped_by"] == "max_steps"
 
     from pipeline.model import CepeForCausalLM
 

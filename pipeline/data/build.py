@@ -108,6 +108,51 @@ class _SplitAssembler:
         return self.writer.close(), surplus
 
 
+class _DocumentExport:
+    """The kept documents of chosen splits, whole, as `documents/<split>.jsonl.gz` in the output
+    (gzip without a timestamp, so the same input gives the same bytes)."""
+
+    def __init__(self, root: Path, splits: list[str], heldout: set[str]) -> None:
+        import gzip
+        import hashlib
+
+        self.heldout = heldout
+        self.files: dict[str, Any] = {}
+        self.counts = {s: 0 for s in splits}
+        self.paths = {s: root / "documents" / f"{s}.jsonl.gz" for s in splits}
+        self._hash = hashlib.sha256
+        for split, path in self.paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = open(path, "wb")
+            self.files[split] = (raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
+
+    def add(self, split: str, doc: Any) -> None:
+        import json
+
+        if split in self.files:
+            row = {"id": doc.id, "domain": doc.domain, "text": doc.text, "heldout_source": doc.domain in self.heldout}
+            self.files[split][1].write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            self.counts[split] += 1
+
+    def close(self) -> None:
+        for raw, gz in self.files.values():
+            gz.close()
+            raw.close()
+        self.files = {}
+
+    def summary(self) -> dict[str, Any]:
+        """{split: {path (relative to the output), documents, sha256}}."""
+        return {s: {"path": f"documents/{s}.jsonl.gz", "documents": self.counts[s],
+                    "sha256": self._hash(p.read_bytes()).hexdigest()} for s, p in self.paths.items()}
+
+
+def _in_corpus_dir(spec: str | dict, corpus_dir: str) -> str | dict:
+    """A source spec with `{corpus_dir}` replaced by the configured folder."""
+    if isinstance(spec, dict):
+        return {k: _in_corpus_dir(v, corpus_dir) if k in ("source", "spec", "path") else v for k, v in spec.items()}
+    return str(spec).replace("{corpus_dir}", corpus_dir.rstrip("/"))
+
+
 def _batches(docs, max_chars: int = 1_000_000, max_docs: int = 256):
     """Group documents into tokenizer batches of about `max_chars` characters."""
     batch, chars = [], 0
@@ -193,7 +238,7 @@ def _build(config: Any) -> dict[str, Any]:
 
     started = time.time()
     weights = config.layout_weights()
-    specs = [parse_source(s, config.text_field, config.id_field) for s in config.source]
+    specs = [parse_source(_in_corpus_dir(s, config.corpus_dir), config.text_field, config.id_field) for s in config.source]
     check_sources(specs)
     domains = set(config.domains)
     if domains:
@@ -201,6 +246,13 @@ def _build(config: Any) -> dict[str, Any]:
         if not domains & available:
             raise ConfigError(f"domains: no source has domain {', '.join(sorted(domains))} (sources give {', '.join(sorted(available))})")
     selected = [i for i, s in enumerate(specs) if not domains or _source_domains(s) & domains]
+    heldout = set(config.heldout_sources)
+    if heldout:
+        available = set().union(*(_source_domains(specs[i]) for i in selected))
+        missing = sorted(heldout - available)
+        if missing:
+            raise ConfigError(f"heldout_sources: no selected source has domain {missing[0]!r} "
+                              f"(sources give {', '.join(sorted(available))})")
     tok = load_tokenizer(config.tokenizer)
     tok_info = tokenizer_info(tok, config.tokenizer)
 
@@ -234,6 +286,7 @@ def _build(config: Any) -> dict[str, Any]:
         index_map = {k: i for k, i in enumerate(selected)}
         docs = (dataclasses.replace(d, source=index_map[d.source]) for d in docs)
         bar = tqdm(desc="prepare-data", unit="doc", disable=None)
+        exports = _DocumentExport(Path(tmp), config.export_documents, heldout)
         try:
             with OrderedPool(DocumentTokenizer(tok), num_proc) as pool:
                 # Unwanted documents (empty, other domain) travel as "" so that every count is
@@ -267,7 +320,9 @@ def _build(config: Any) -> dict[str, Any]:
                         src.add("tokens", n)
                         kept_docs += 1
                         kept_tokens += n
-                        assemblers[assign_split(h, config.splits)].push(doc, tokens)
+                        split = "test" if doc.domain in heldout else assign_split(h, config.splits)
+                        assemblers[split].push(doc, tokens)
+                        exports.add(split, doc)
                         if (config.max_documents and kept_docs >= config.max_documents) or (
                             config.max_tokens and kept_tokens >= config.max_tokens
                         ):
@@ -282,6 +337,7 @@ def _build(config: Any) -> dict[str, Any]:
             raise
         finally:
             bar.close()
+            exports.close()
 
         if not stopped_by_budget:
             for i in selected:
@@ -342,6 +398,8 @@ def _build(config: Any) -> dict[str, Any]:
             "skipped_examples": skips.samples,
             "rows_dropped": {"mix_surplus": dict(sorted(surplus_total.items()))} if len(weights) > 1 else {},
             "prevdoc_documents_without_window": short_prevdoc if "prevdoc" in weights else 0,
+            "heldout_sources": sorted(heldout),
+            "document_files": exports.summary(),
             "sources": [
                 {**s.describe(), "documents_read": per_source[i].get("read", 0), "documents_kept": per_source[i].get("kept", 0),
                  "tokens": per_source[i].get("tokens", 0),

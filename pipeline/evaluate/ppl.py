@@ -14,7 +14,17 @@ Each window of total length T with decoder length D is scored three ways, on the
   model this is the wrapped decoder with no encoder input, which is the plain decoder);
 - `full-context`: the decoder with the whole window, when T fits its position limit.
 
+Two controls score CEPE with the decoder tokens of one window and the encoder context of
+another held-out window of the same length (`pair_windows`, deterministic and seeded):
+- `other-document`: a window of the same source from another document (for a source whose
+  windows all come from one document: a window of its other half, windows from the first half
+  paired with windows from the second), so only the document differs, not the domain;
+- `other-source`: a window of a different source.
+A window without such a partner is left out of that control (counted as `unpaired`).
+
 The score is PPL = exp(mean over windows of the mean NLL of the last `eval_window` (256) tokens).
+Every difference against CEPE carries a 95% bootstrap interval over windows, and the context use
+(`CONTEXT_USE`) is reported pooled and per source (`summarize`).
 """
 
 from __future__ import annotations
@@ -26,12 +36,24 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from pipeline.errors import CepeError
 
-VARIANTS = ("cepe", "decoder-only", "full-context")
-BASELINES = ("decoder-only", "full-context")
+VARIANTS = ("cepe", "decoder-only", "full-context")  # each scores a window on its own tokens
+CONTROLS = ("other-document", "other-source")  # CEPE reading another window's context
+BASELINES = ("decoder-only", "full-context") + CONTROLS
+PAIRING_RULES = {
+    "other-document": "window j reads the encoder context of a window drawn (random.Random(f'{seed}:other-document:"
+                      "{total}'), in window order) from the windows of j's source whose document differs from j's; "
+                      "for a source with one document, from the windows of the other half of that document (windows "
+                      "wholly in the first half pair with windows wholly in the second); none: unpaired",
+    "other-source": "window j reads the encoder context of a window drawn (random.Random(f'{seed}:other-source:{total}'), "
+                    "in window order) from the windows of every other source; none: unpaired",
+}
+CONTEXT_USE = ("(NLL CEPE with another document's context - NLL CEPE with its own) / (NLL decoder alone - NLL "
+               "full attention over the same window), means over the windows with a same-source other-document "
+               "partner and a full-attention score")
 PAPER_LENGTHS = ["4096:2048", "8192:4096", "32768:4096", "131072:4096"]
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "resources" / "corpus"
 
@@ -116,6 +138,18 @@ def _working_lengths(total: int, dec: int, decoder_len: int, chunk_len: int, eva
 # --- documents -------------------------------------------------------------------------------
 
 
+class Doc(NamedTuple):
+    """One evaluation document: its id, its text (as read) or token ids (once tokenized), the
+    source it belongs to (its `domain` field, else `source`, else the file's name) and whether
+    that source was held out of training (`heldout_source`, as `prepare-data`'s export writes)."""
+
+    doc_id: str
+    tokens: Any
+    source: str = ""
+    heldout: bool = False
+    document: str | None = None  # the document a prepare-data row came from (None: this Doc is one)
+
+
 def _document_files(source: str) -> list[Path]:
     root = CORPUS_DIR if source in ("", "embedded") else Path(source)
     if root.is_file():
@@ -130,9 +164,16 @@ def _document_files(source: str) -> list[Path]:
     raise CepeError(f"data: {root} does not exist")
 
 
-def read_documents(source: str) -> tuple[list[tuple[str, str]], str, list[str]]:
-    """([(doc_id, text)], sha256 over the files read, file names) from jsonl(.gz) with a `text` field."""
-    docs: list[tuple[str, str]] = []
+def _file_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def read_documents(source: str) -> tuple[list[Doc], str, list[str]]:
+    """([Doc with text], sha256 over the files read, file names) from jsonl(.gz) with a `text` field."""
+    docs: list[Doc] = []
     digest = hashlib.sha256()
     files = _document_files(source)
     for path in files:
@@ -148,36 +189,49 @@ def read_documents(source: str) -> tuple[list[tuple[str, str]], str, list[str]]:
                 raise CepeError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise CepeError(f"{path} line {lineno}: expected an object with a 'text' string")
-            docs.append((str(row.get("id", f"{path.name}:{lineno}")), row["text"]))
+            src = row.get("domain") or row.get("source") or _file_stem(path)
+            docs.append(Doc(str(row.get("id", f"{path.name}:{lineno}")), row["text"], str(src),
+                            bool(row.get("heldout_source", False))))
     return docs, digest.hexdigest(), [str(p) for p in files]
 
 
-def tokenize_documents(docs: list[tuple[str, str]], tokenizer: Any, min_tokens: int) -> list[tuple[str, list[int]]]:
+def tokenize_documents(docs: list[Any], tokenizer: Any, min_tokens: int) -> list[Doc]:
     """Token ids per document (no BOS/EOS: windows are slices of running text), long ones only.
 
     Texts shorter than `min_tokens / 8` characters are skipped untokenized: even a byte-level
     tokenizer makes at most 4 tokens of one character, so they cannot reach `min_tokens`.
     """
     out = []
-    for doc_id, text in docs:
-        if len(text) * 8 < min_tokens:
+    for item in docs:
+        doc = Doc(*item)
+        if len(doc.tokens) * 8 < min_tokens:
             continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(doc.tokens, add_special_tokens=False)["input_ids"]
         if len(ids) >= min_tokens:
-            out.append((doc_id, list(ids)))
+            out.append(doc._replace(tokens=list(ids)))
     return out
 
 
-def make_windows(docs: list[tuple[str, list[int]]], total: int, stride: int, max_windows: int | None,
-                 max_windows_per_doc: int | None, seed: int) -> list[tuple[int, int]]:
+def make_windows(docs: list[Any], total: int, stride: int, max_windows: int | None,
+                 max_windows_per_doc: int | None, seed: int, max_windows_per_source: int | None = None) -> list[tuple[int, int]]:
     """(document index, start) of each window: starts 0, stride, 2*stride... while the window fits;
-    the first `max_windows_per_doc` per document; a seeded random `max_windows` of all, in order."""
+    the first `max_windows_per_doc` per document; a seeded random `max_windows_per_source` of each
+    source's (so a source of long documents does not crowd out the others); a seeded random
+    `max_windows` of all; in order."""
     windows = []
-    for d, (_, ids) in enumerate(docs):
+    for d, doc in enumerate(docs):
+        ids = doc[1]
         starts = list(range(0, len(ids) - total + 1, stride))
         if max_windows_per_doc is not None:
             starts = starts[:max_windows_per_doc]
         windows.extend((d, s) for s in starts)
+    if max_windows_per_source is not None:
+        by_source: dict[str, list[tuple[int, int]]] = {}
+        for w in windows:
+            by_source.setdefault(Doc(*docs[w[0]]).source, []).append(w)
+        windows = sorted(w for src, ws in by_source.items()
+                         for w in (random.Random(f"{seed}:{src}").sample(ws, max_windows_per_source)
+                                   if len(ws) > max_windows_per_source else ws))
     if max_windows is not None and len(windows) > max_windows:
         windows = sorted(random.Random(seed).sample(windows, max_windows))
     return windows
@@ -190,13 +244,14 @@ def is_shard_dir(source: str) -> bool:
     return bool(source) and (Path(source) / "manifest.json").is_file()
 
 
-def shard_windows(root: str, split: str, max_windows: int | None, seed: int) -> tuple[list[tuple[str, list[int]]], list[LengthSpec], str, int]:
+def shard_windows(root: str, split: str, max_windows: int | None, seed: int) -> tuple[list[Doc], list[LengthSpec], str, int]:
     """Windows from a `cepe prepare-data` shard directory (docs/architecture.md "Shards").
 
     Each row is one window: its `encoder_input_ids` (n_chunks, chunk_len) followed by its
     `input_ids` (decoder_len). For the `concat` layout that is one contiguous stretch of text;
     for `prevdoc` the context comes from the previous document, and the full-context baseline
-    reads it the same way (the paper's `put_in_decoder`). Returns ([(doc_id, tokens)], [spec],
+    reads it the same way (the paper's `put_in_decoder`). Returns ([Doc per row, its source the
+    row's domain], [spec],
     the manifest's fingerprint or sha256, the shards' chunk length).
     """
     import numpy as np
@@ -214,7 +269,8 @@ def shard_windows(root: str, split: str, max_windows: int | None, seed: int) -> 
     for i in indices:
         row = ds[i]
         tokens = np.concatenate([row["encoder_input_ids"].reshape(-1), row["input_ids"]]).astype(np.int64)
-        docs.append((f"{row['doc_id']}#{i}", tokens.tolist()))
+        docs.append(Doc(f"{row['doc_id']}#{i}", tokens.tolist(), str(row.get("domain") or ""),
+                        document=str(row["doc_id"])))
     if not docs:
         raise CepeError(f"data: split {split!r} of {root} has no windows")
     manifest = ds.manifest
@@ -245,18 +301,30 @@ def window_nll(model: Any, decoder_ids: Any, eval_window: int, encoder_ids: Any 
     return (-logp).mean(dim=-1).cpu()
 
 
-def score_windows(model: Any, docs: list[tuple[str, list[int]]], windows: list[tuple[int, int]], spec: LengthSpec,
-                  variant: str, eval_window: int, chunk_len: int, batch_size: int, progress: bool = True) -> list[float]:
-    """Per-window mean NLL for one length and one variant, in window order."""
+def score_windows(model: Any, docs: list[Any], windows: list[tuple[int, int]], spec: LengthSpec,
+                  variant: str, eval_window: int, chunk_len: int, batch_size: int, progress: bool = True,
+                  context_windows: list[tuple[int, int]] | None = None) -> list[float]:
+    """Per-window mean NLL for one length and one variant, in window order.
+
+    context_windows (variant `cepe` only): window i's encoder reads the context (first
+    T - D tokens) of context_windows[i] instead of its own: the mismatched-context controls.
+    """
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     nlls: list[float] = []
-    bar = tqdm(total=len(windows), desc=f"ppl {spec.total} {variant}", unit="win", disable=not progress, dynamic_ncols=True)
+    if context_windows is not None and (variant != "cepe" or len(context_windows) != len(windows)):
+        raise ValueError("context_windows: one per window, for the cepe variant only")
+    label = variant if context_windows is None else "cepe, another window's context"
+    bar = tqdm(total=len(windows), desc=f"ppl {spec.total} {label}", unit="win", disable=not progress, dynamic_ncols=True)
     for i in range(0, len(windows), max(1, batch_size)):
         rows = [docs[d][1][s : s + spec.total] for d, s in windows[i : i + batch_size]]
         full = torch.tensor(rows, dtype=torch.long, device=device)  # (B, T)
+        if context_windows is not None:  # the encoder part of each row from its partner window
+            ctx = [docs[d][1][s : s + spec.encoder] for d, s in context_windows[i : i + batch_size]]
+            full = torch.cat([torch.tensor(ctx, dtype=torch.long, device=device).reshape(len(rows), spec.encoder),
+                              full[:, spec.encoder :]], dim=1)  # (B, T): partner's context ++ own decoder tokens
         if variant == "full-context":
             nll = window_nll(model, full, eval_window)
         elif variant == "decoder-only":
@@ -272,6 +340,97 @@ def score_windows(model: Any, docs: list[tuple[str, list[int]]], windows: list[t
     return nlls
 
 
+# --- mismatched-context controls -------------------------------------------------------------
+
+
+def pair_windows(docs: list[Any], windows: list[tuple[int, int]], total: int, control: str,
+                 seed: int) -> tuple[list[int | None], dict[str, int]]:
+    """The partner (an index into `windows`) whose context each window reads in `control`
+    (PAIRING_RULES), or None; and the pair counts by kind.
+
+    A document is identified by its index in `docs` (for prepare-data rows, by the row's
+    `doc_id`). Deterministic: the same windows and seed give the same pairs.
+    """
+    if control not in CONTROLS:
+        raise CepeError(f"baselines: unknown control {control!r} (known: {', '.join(CONTROLS)})")
+    labels = [Doc(*docs[d]) for d, _ in windows]
+    source = [doc.source for doc in labels]
+    document = [doc.document if doc.document is not None else d for doc, (d, _) in zip(labels, windows)]
+    by_source: dict[str, list[int]] = {}
+    for j, src in enumerate(source):
+        by_source.setdefault(src, []).append(j)
+    rng = random.Random(f"{seed}:{control}:{total}")
+    partners: list[int | None] = []
+    counts = {"same_source_other_document": 0, "same_document_other_half": 0, "other_source": 0, "unpaired": 0}
+    for j, (d, start) in enumerate(windows):
+        if control == "other-source":
+            candidates = [k for k in range(len(windows)) if source[k] != source[j]]
+            kind = "other_source"
+        else:
+            same = by_source[source[j]]
+            candidates = [k for k in same if document[k] != document[j]]
+            kind = "same_source_other_document"
+            if not candidates and len({document[k] for k in same}) == 1:
+                # one document in this source: its first half against its second half
+                half = len(docs[d][1]) // 2
+                side = 0 if start + total <= half else 1 if start >= half else None
+                candidates = [] if side is None else [
+                    k for k in same if (windows[k][1] >= half if side == 0 else windows[k][1] + total <= half)]
+                kind = "same_document_other_half"
+        if candidates:
+            partners.append(rng.choice(candidates))
+            counts[kind] += 1
+        else:
+            partners.append(None)
+            counts["unpaired"] += 1
+    return partners, counts
+
+
+def summarize(nlls: dict[str, list[float | None]], sources: list[str], heldout: dict[str, bool],
+              samples: int, seed: int) -> dict[str, Any]:
+    """Differences against CEPE and the context use for one length, pooled and per source.
+
+    nlls: {variant: per-window NLL in window order, None where the variant did not score that
+    window (no partner, or no full-context score)}. Returns {"differences": {variant: ...},
+    "context_use": ..., "by_source": {source: {"heldout_source", "n_windows", "ppl": {...},
+    "context_use"}}}, intervals from `bootstrap` (95%, resampling windows, seeded).
+    """
+    from pipeline.evaluate import bootstrap
+
+    kw = {"samples": samples, "seed": seed}
+    cepe = nlls.get("cepe")
+
+    def rows(names: tuple[str, ...], keep: list[int]) -> list[list[float]] | None:
+        if any(n not in nlls for n in names):
+            return None
+        idx = [i for i in keep if all(nlls[n][i] is not None for n in names)]
+        return [[nlls[n][i] for i in idx] for n in names] if idx else None
+
+    def context_use(keep: list[int]) -> dict[str, Any] | None:
+        cols = rows(("cepe", "other-document", "decoder-only", "full-context"), keep)
+        return bootstrap.ratio_of_mean_gains(*cols, **kw) if cols else None
+
+    everyone = list(range(len(sources)))
+    out: dict[str, Any] = {"differences": {}, "context_use": None, "by_source": {}}
+    if cepe is None:
+        return out
+    for variant in nlls:
+        if variant != "cepe":
+            cols = rows((variant, "cepe"), everyone)
+            if cols:
+                out["differences"][variant] = bootstrap.mean_difference(*cols, **kw)
+    out["context_use"] = context_use(everyone)
+    for src in sorted(set(sources)):
+        keep = [i for i, s in enumerate(sources) if s == src]
+        entry: dict[str, Any] = {"heldout_source": bool(heldout.get(src)), "n_windows": len(keep), "ppl": {}}
+        for variant, values in nlls.items():
+            mine = [values[i] for i in keep if values[i] is not None]
+            entry["ppl"][variant] = round(perplexity(mine), 4) if mine else None
+        entry["context_use"] = context_use(keep)
+        out["by_source"][src] = entry
+    return out
+
+
 def perplexity(nlls: Iterable[float]) -> float:
     """exp(mean over windows of the per-window mean NLL)."""
     values = list(nlls)
@@ -279,10 +438,11 @@ def perplexity(nlls: Iterable[float]) -> float:
 
 
 def variants_for(cepe: bool, baselines: list[str]) -> list[str]:
+    """The variants a run scores, in BASELINES order (the controls only for a CEPE model)."""
     for name in baselines:
         if name not in BASELINES:
             raise CepeError(f"baselines: unknown baseline {name!r} (known: {', '.join(BASELINES)})")
-    return (["cepe"] if cepe else []) + [b for b in BASELINES if b in baselines]
+    return (["cepe"] if cepe else []) + [b for b in BASELINES if b in baselines and (cepe or b not in CONTROLS)]
 
 
 def markdown_table(results: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> str:

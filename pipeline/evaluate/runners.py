@@ -113,36 +113,73 @@ def run_ppl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
             raise CepeError(f"data: no document has {min_tokens} tokens or more; lower the lengths or min_doc_tokens")
     _seed(config.seed)
     results: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    pairing: dict[str, dict[str, Any]] = {}
     rows = []
+    heldout: dict[str, bool] = {}
+    for doc in docs:
+        heldout[doc.source] = heldout.get(doc.source, False) or doc.heldout
     for spec in specs:
         if shard_windows:
             windows = [(i, 0) for i in range(len(docs))]
         else:
-            windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed)
+            windows = ppl.make_windows(docs, spec.total, config.stride, cap, config.max_windows_per_doc, config.seed,
+                                       config.max_windows_per_source)
         if not windows:
             raise CepeError(f"lengths: no window of {spec.total} tokens fits the documents")
+        sources = [docs[d].source for d, _ in windows]
         per_len: dict[str, Any] = {}
+        nlls_by_variant: dict[str, list[float | None]] = {}
         for variant in variants:
             base = {"encoder_tokens": spec.encoder, "decoder_tokens": spec.decoder}
             if variant == "full-context" and positions is not None and spec.total > positions:
                 per_len[variant] = {**base, "ppl": None, "n_windows": 0,
                                     "skipped": f"{spec.total} tokens exceed the decoder's {positions} positions"}
                 continue
-            if variant == "cepe" and spec.encoder == 0:
+            if variant in ("cepe",) + ppl.CONTROLS and spec.encoder == 0:
                 continue
-            nlls = ppl.score_windows(model, docs, windows, spec, variant, config.eval_window, chunk_len,
-                                     config.batch_size, config.progress)
+            scored = list(range(len(windows)))
+            context = None
+            if variant in ppl.CONTROLS:
+                partners, counts = ppl.pair_windows(docs, windows, spec.total, variant, config.seed)
+                pairing.setdefault(spec.label, {})[variant] = {"rule": ppl.PAIRING_RULES[variant], "seed": config.seed,
+                                                               "pairs": counts}
+                scored = [j for j, k in enumerate(partners) if k is not None]
+                context = [windows[partners[j]] for j in scored]
+                if not scored:
+                    per_len[variant] = {**base, "ppl": None, "n_windows": 0, "skipped": "no window has a partner"}
+                    continue
+            nlls = ppl.score_windows(model, docs, [windows[j] for j in scored], spec,
+                                     "cepe" if context is not None else variant, config.eval_window, chunk_len,
+                                     config.batch_size, config.progress, context_windows=context)
             mean = sum(nlls) / len(nlls)
             per_len[variant] = {**base, "ppl": round(ppl.perplexity(nlls), 4), "nll": round(mean, 6), "n_windows": len(nlls)}
-            rows.extend({"total": spec.total, "decoder": spec.decoder, "variant": variant, "doc_id": docs[d][0],
-                         "start": s, "nll": round(x, 6)} for (d, s), x in zip(windows, nlls))
+            column: list[float | None] = [None] * len(windows)
+            for n, (j, x) in enumerate(zip(scored, nlls)):
+                column[j] = x
+                d, s = windows[j]
+                row = {"total": spec.total, "decoder": spec.decoder, "variant": variant, "doc_id": docs[d][0],
+                       "source": docs[d].source, "start": s, "nll": round(x, 6)}
+                if context is not None:
+                    row["context_doc_id"], row["context_start"] = docs[context[n][0]][0], context[n][1]
+                rows.append(row)
+            nlls_by_variant[variant] = column
         results[spec.label] = per_len
+        summaries[spec.label] = ppl.summarize(nlls_by_variant, sources, heldout, config.bootstrap_samples, config.seed)
     write_jsonl(out / "windows.jsonl", rows)
     report.write_tsv(out / "ppl_by_length.tsv", ["total_len"] + variants,
                      [[int(label)] + [results[label].get(v, {}).get("ppl") for v in variants] for label in results])
     (out / "table.md").write_text(ppl.markdown_table(results, variants), encoding="utf-8")
     record.set("lengths", [{"total": s.total, "decoder": s.decoder, "encoder": s.encoder} for s in specs])
-    return report.write_outputs(out, {"ppl": results}, record)
+    metrics = {"ppl": results,
+               "differences": {k: v["differences"] for k, v in summaries.items()},
+               "context_use": {k: v["context_use"] for k, v in summaries.items()},
+               "by_source": {k: v["by_source"] for k, v in summaries.items()},
+               "pairing": pairing,
+               "heldout_sources": sorted(k for k, v in heldout.items() if v),
+               "bootstrap": {"samples": config.bootstrap_samples, "seed": config.seed, "level": 0.95,
+                             "context_use": ppl.CONTEXT_USE}}
+    return report.write_outputs(out, metrics, record)
 
 
 # --- LongBench -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ TASKS = ("ppl", "longbench", "longbench-e", "zeroscrolls", "ruler")
 # task leaves them out (params/base.yaml; the registry's section check allows it).
 TASK_ONLY_KEYS = {
     "ppl": ("lengths", "decoder_len", "preset", "stride", "eval_window", "max_windows", "max_windows_per_doc",
-            "min_doc_tokens", "shard_split", "baselines"),
+            "min_doc_tokens", "shard_split", "baselines", "max_windows_per_source", "bootstrap_samples"),
     "ruler": ("ruler_lengths", "num_samples", "ruler_haystack"),
 }
 
@@ -70,9 +70,13 @@ class EvaluateConfig:
     eval_window: int = field(256, help="ppl: score the last N tokens of each window")
     max_windows: int | None = field(50, help="ppl: at most N windows per length (seeded random choice); null = all")
     max_windows_per_doc: int | None = field(None, help="ppl: at most N windows per document (paper 128K: 1)")
+    max_windows_per_source: int | None = field(None, help="ppl: at most N windows per source (seeded random choice), before max_windows")
     min_doc_tokens: int | None = field(None, help="ppl: keep documents with at least N tokens (default: the longest total)")
     shard_split: str = field("test", help="ppl: split read when data is a prepare-data shard directory")
-    baselines: list[str] = field(default_factory=lambda: ["decoder-only", "full-context"], help="ppl: decoder-only, full-context")
+    baselines: list[str] = field(default_factory=lambda: ["decoder-only", "full-context"],
+                                 help="ppl: decoder-only, full-context, other-document, other-source (CEPE reading another "
+                                 "held-out window's context: same source and another document / another source)")
+    bootstrap_samples: int = field(1000, help="ppl: bootstrap resamples of the windows for the 95% intervals")
     # ruler
     ruler_lengths: list[int] = field(default_factory=lambda: [1024, 2048], help="ruler: target lengths in tokens (prompt + generation)")
     num_samples: int = field(10, help="ruler: examples per task and length")
@@ -86,10 +90,11 @@ class EvaluateConfig:
             raise ConfigError(f"task: unknown task {self.task!r} (known: {', '.join(TASKS)})")
         if self.predictions and self.task not in ("longbench", "longbench-e"):
             raise ConfigError("predictions: only the longbench and longbench-e tasks score prediction files")
-        for name in ("batch_size", "chunk_len", "stride", "eval_window", "num_samples", "decoder_len"):
+        for name in ("batch_size", "chunk_len", "stride", "eval_window", "num_samples", "decoder_len", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("limit", "max_length", "decoder_max_len", "max_new_tokens", "max_windows", "max_windows_per_doc"):
+        for name in ("limit", "max_length", "decoder_max_len", "max_new_tokens", "max_windows", "max_windows_per_doc",
+                     "max_windows_per_source"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: expected a positive integer or null, got {value}")

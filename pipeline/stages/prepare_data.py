@@ -39,6 +39,9 @@ class PrepareConfig:
         ".jsonl/.json/.parquet/.txt (optionally .gz/.zst), or hf:NAME[:CONFIG[:SPLIT]]; keys domain, "
         "weight, text_field, id_field, data_files.",
     )
+    corpus_dir: str = field("pipeline/resources/corpus",
+                            help="The folder `{corpus_dir}` stands for in a source spec (e.g. {corpus_dir}/perl-doc.jsonl.gz); "
+                            "dvc.yaml makes it a dependency of the prepare stages.")
     tokenizer: str = field("embedded", help="Decoder tokenizer: embedded (SmolLM2), a local folder, or a transformers name.")
     layout: Literal["prevdoc", "concat", "duplicate", "mlm", "mix"] = field(
         "mix", help="Example layout: prevdoc, concat, duplicate (warm-up), mlm, or mix (ratios in `mix`)."
@@ -60,6 +63,12 @@ class PrepareConfig:
     domains: list[str] = field(default_factory=list, help="Keep only these domains (empty: all).")
     prevdoc_domains: list[str] = field(default_factory=list,
                                        help="Domains that feed prevdoc windows in a mix (empty: all); the paper's RP-filter uses arxiv and book.")
+    heldout_sources: list[str] = field(default_factory=list,
+                                       help="Domains held out of training: every document of theirs goes to the test split "
+                                       "(a domain no training window comes from), whatever its hash.")
+    export_documents: list[str] = field(default_factory=list,
+                                        help="Splits whose kept documents are also written whole to <output>/documents/<split>.jsonl.gz "
+                                        "({id, domain, text, heldout_source}): the held-out documents `cepe evaluate --task ppl` reads.")
     max_documents: int = field(0, help="Stop after this many kept documents (0: read everything).")
     max_tokens: int = field(0, help="Stop after this many kept document tokens (0: read everything).")
     shard_size_mb: float = field(64.0, help="Target shard size in MiB (rows per shard = size / row bytes).")
@@ -69,6 +78,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ConfigError("source: expected at least one source (e.g. embedded)")
+        if not self.corpus_dir and any("{corpus_dir}" in str(s) for s in self.source):
+            raise ConfigError("corpus_dir: a source names {corpus_dir} but corpus_dir is empty")
         if not self.tokenizer:
             raise ConfigError("tokenizer: expected a tokenizer name or path (e.g. embedded)")
         for key in ("decoder_len", "n_chunks", "chunk_len", "mlm_len"):
@@ -84,6 +95,11 @@ class PrepareConfig:
         if not self.output:
             raise ConfigError("output: expected a directory")
         self._check_splits()
+        if self.heldout_sources and "test" not in self.splits:
+            raise ConfigError("heldout_sources: the documents of a held-out source go to the test split; splits has no 'test'")
+        unknown = [s for s in self.export_documents if s not in self.splits]
+        if unknown:
+            raise ConfigError(f"export_documents: {unknown[0]!r} is not one of the splits ({', '.join(self.splits)})")
         weights = self.layout_weights()
         if "mlm" in weights and len(weights) > 1:
             raise ConfigError("mix: mlm rows have no encoder column and cannot be mixed with other layouts")

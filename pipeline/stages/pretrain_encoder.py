@@ -106,6 +106,7 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     """Pretrain the encoder; writes `<output>/model`, metrics.json, steps.tsv, checkpoints/."""
     from pipeline.train.model_output import model_saver
     from pipeline.train.collate import MlmCollator, manifest_value, open_shards
+    from pipeline.train.flops import Stack, mlm_example_flops
     from pipeline.train.loop import TrainTask, process_state, run_training
     from pipeline.train.losses import eval_mlm_nll, mlm_loss
 
@@ -134,9 +135,10 @@ def run(config: PretrainEncoderConfig, resume: str | None = None) -> dict[str, A
     collate = MlmCollator(mask_token_id=mask_id, special_ids=special_token_ids(info),
                           probability=config.mlm_probability, seed=config.seed)
     # Validation masks are fixed: the same seeded collator on the held-out windows every time.
+    flops = mlm_example_flops(Stack.from_config(model.config), model.config.vocab_size, window) if window else None
     task = TrainTask(model=model, train_data=train, collate=collate, compute_loss=mlm_loss,
-                     val_data=val, val_collate=collate, eval_nll=eval_mlm_nll,
-                     save_model=model_saver(train, config.data),
+                     val_data=val, val_collate=collate, eval_nll=eval_mlm_nll, flops_per_example=flops,
+                     save_model=model_saver(train, config.data), token_roles={"input_ids": "encoder"},
                      extra_metrics={"stage": "pretrain-encoder", "init": config.init,
                                     "encoder_params": sum(p.numel() for p in model.model.parameters())})
     return run_training(task, config, resume=resume)

@@ -48,7 +48,7 @@ SUPERSEDED = "superseded"
 # computes: they may differ on resume.
 FREE_KEYS = frozenset({"output", "save_every", "keep_checkpoints", "log_every", "tensorboard", "num_workers",
                        "eval_every", "eval_windows", "eval_batch_size", "progress", "save_decoder",
-                       "compare_windows", "compare_batch_size"})
+                       "compare_windows", "compare_batch_size", "max_time_s"})
 # Options that may change on resume with an effect on training: the run's length.
 RESUMABLE_KEYS = frozenset({"max_steps"})
 

@@ -183,6 +183,7 @@ def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context
     """The loop task of an LM stage (warm-up and main training share it); its `model/` holds the
     data's tokenizer and records the chunk length and window trained with (model_output.py)."""
     from pipeline.train.collate import LmCollator, manifest_value
+    from pipeline.train.flops import cepe_model_flops
     from pipeline.train.model_output import model_saver
     from pipeline.train.loop import TrainTask
     from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
@@ -190,9 +191,11 @@ def lm_task(model: Any, train: Any, val: Any, config: LmStageOptions, *, context
     window = int(manifest_value(train, "decoder_len", 0) or len(train[0]["input_ids"]))
     last = eval_window(config.eval_last_tokens, window)
     counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
+    n_chunks, chunk_len = (int(manifest_value(train, k, 0) or 0) for k in ("n_chunks", "chunk_len"))
+    flops = cepe_model_flops(model, decoder_len=window, n_chunks=n_chunks, chunk_len=chunk_len) if n_chunks else None
     return TrainTask(
         model=model, train_data=train, collate=LmCollator(context_masking=context_masking),
         compute_loss=causal_lm_loss, val_data=val, val_collate=LmCollator(eval_last=last),
-        eval_nll=eval_last_tokens_nll, save_model=model_saver(train, _first(getattr(config, "data", "data"))),
+        eval_nll=eval_last_tokens_nll, flops_per_example=flops, save_model=model_saver(train, _first(getattr(config, "data", "data"))),
         extra_metrics={"stage": stage, "eval_last_tokens": last, "decoder_len": window,
                        **{f"params_{k}": v for k, v in counts.items()}})

@@ -31,6 +31,21 @@ keys of each training stage). `task` is a `TrainTask`:
 - `save_model(model, directory, state_dict)`: the final export (default `save_pretrained`).
 - `tokens_in(batch) -> int`: tokens a batch processes, for tokens/s (default: every
   `*input_ids` tensor's size, decoder and encoder tokens alike).
+- `token_roles`: which batch input holds whose tokens (default `input_ids` the decoder's,
+  `encoder_input_ids` the encoder's; the MLM stage's `input_ids` are the encoder's), for
+  `decoder_tokens_per_s` / `encoder_tokens_per_s` in `metrics.json`.
+- `flops_per_example`: analytic forward + backward FLOPs of one example
+  (`pipeline.train.flops`), or None; with it `metrics.json` reports FLOPs per step, achieved
+  FLOP/s and MFU against the device's bf16 peak (None on CPU).
+
+Wall-clock budget: `max_time_s` > 0 stops training at the first step boundary after that many
+seconds of the loop (steps and in-loop validation, summed over resumes), with a checkpoint, as
+if `max_steps` had been reached there; `metrics.json` records `steps`, `stopped_by` and the
+learning rate reached. The learning-rate schedule stays defined over `max_steps`, never over
+an estimate of the steps the budget allows: a step's learning rate then depends on the step
+alone, so a resumed run (or one on a faster machine) follows the same schedule. A profile that
+means "train for N minutes" sets `max_steps` to about what N minutes reach on its device, so
+the decay mostly completes, and the budget is the guarantee that the stage ends in time.
 
 Outputs under `options.output`: `config.yaml` (the resolved options, written once the run has
 really started: data, model and checkpoint loaded and checked; a run that fails before leaves
@@ -92,6 +107,8 @@ class LoopOptions:
 
     output: str = field("runs/train", help="Output directory: model/, checkpoints/, metrics.json, steps.tsv.")
     max_steps: int = field(10, help="Optimiser steps to train for.")
+    max_time_s: float = field(0.0, help="Wall-clock budget of the loop in seconds: stop (with a checkpoint) at the first "
+                              "step boundary past it; 0: none. The LR schedule stays over max_steps.")
     batch_size: int = field(1, help="Sequences per process per micro-batch.")
     grad_accum: int = field(1, help="Micro-batches accumulated per optimiser step.")
     lr: float = field(3e-4, help="Peak learning rate (AdamW).")
@@ -125,7 +142,7 @@ class LoopOptions:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         non_negative = ("save_every", "eval_every", "eval_windows", "eval_batch_size", "num_workers",
-                        "weight_decay", "max_grad_norm")
+                        "weight_decay", "max_grad_norm", "max_time_s")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {getattr(self, key)}")
@@ -172,6 +189,53 @@ def _count_input_tokens(batch: dict[str, Any]) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v))
 
 
+ROLES = ("decoder", "encoder")
+DEFAULT_TOKEN_ROLES = {"input_ids": "decoder", "encoder_input_ids": "encoder"}
+
+
+def _tokens_by_role(batch: dict[str, Any], roles: dict[str, str]) -> dict[str, int]:
+    """{role: tokens} of a batch, each input counted for the role `roles` gives it."""
+    out = dict.fromkeys(ROLES, 0)
+    for key, role in roles.items():
+        ids = batch.get(key)
+        if torch.is_tensor(ids):
+            out[role] += ids.numel()
+    return out
+
+
+def time_budget_spent(options: "LoopOptions", elapsed_s: float) -> bool:
+    """Whether `max_time_s` (0: none) is used up after `elapsed_s` seconds of the loop."""
+    return options.max_time_s > 0 and elapsed_s >= options.max_time_s
+
+
+def throughput_metrics(state: dict[str, Any], flops_per_example: float | None, world: int,
+                       device: torch.device) -> dict[str, Any]:
+    """tokens/s (all, decoder, encoder), FLOPs per step, achieved FLOP/s and MFU of a run.
+
+    MFU = flops_per_example x samples / loop seconds / (peak x processes); the peak is the
+    device's dense bf16 figure (`pipeline.train.flops.device_peak_flops`), None on CPU.
+    """
+    from pipeline.train.flops import device_peak_flops
+
+    secs, steps = state["elapsed_s"], state["step"]
+    rate = (lambda n: n / secs if secs else None)
+    role_tokens = state.get("role_tokens") or {}
+    out: dict[str, Any] = {f"{r}_tokens_per_s": rate(role_tokens.get(r, 0)) for r in ROLES}
+    peak = device_peak_flops(device)
+    flops = flops_per_example * state["samples"] if flops_per_example else None
+    achieved = flops / secs if flops and secs else None
+    out.update({
+        "flops_per_example": flops_per_example,
+        "flops_per_step": flops / steps if flops and steps else None,
+        "model_flops_per_s": achieved,
+        "device_name": peak["device_name"],
+        "peak_flops_per_s": peak["peak_flops_per_s"],
+        "peak_source": peak["peak_source"],
+        "mfu": achieved / (peak["peak_flops_per_s"] * world) if achieved and peak["peak_flops_per_s"] else None,
+    })
+    return out
+
+
 def _save_pretrained(model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
 
@@ -189,6 +253,8 @@ class TrainTask:
     eval_nll: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
     save_model: Callable[[Any, Path, dict[str, torch.Tensor] | None], None] = _save_pretrained
     tokens_in: Callable[[dict[str, Any]], int] = _count_input_tokens
+    flops_per_example: float | None = None
+    token_roles: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOKEN_ROLES))
     extra_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -574,9 +640,9 @@ class _Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Everything a resumed run needs to continue steps.tsv / validation.tsv / metrics.json
         # exactly as an uninterrupted one (saved in every checkpoint's state.json).
-        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0,
-                                      "loss_first": None, "loss_last": None, "loss_window": [],
-                                      "last_val_step": None, "val": None}
+        self.state: dict[str, Any] = {"step": 0, "samples": 0, "tokens": 0, "role_tokens": dict.fromkeys(ROLES, 0),
+                                      "elapsed_s": 0.0, "loss_first": None, "loss_last": None, "loss_window": [],
+                                      "last_val_step": None, "val": None, "stopped_by": None}
         if resume_from is not None:
             self._load_rest(resume_from)
             self.log(f"resumed from {resume_from} at step {self.state['step']}")
@@ -673,14 +739,18 @@ class _Trainer:
         t0, tokens0 = time.perf_counter(), st["tokens"]
         elapsed0 = st["elapsed_s"]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        st["stopped_by"] = None
         with _SignalFlag() as flag:
-            while st["step"] < o.max_steps:
+            # a resumed run whose budget was already spent trains no further step
+            while st["step"] < o.max_steps and not time_budget_spent(o, st["elapsed_s"]):
                 loss_sum = torch.zeros((), device=acc.device)
                 extra: dict[str, torch.Tensor] = {}
                 step_tokens = 0
                 for micro in range(o.grad_accum):
                     batch = _to_device(next(batches), acc.device)
                     step_tokens += task.tokens_in(batch) * world
+                    for role, n in _tokens_by_role(batch, task.token_roles).items():
+                        st["role_tokens"][role] = st["role_tokens"].get(role, 0) + n * world
                     sync = micro == o.grad_accum - 1
                     with contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.model):
                         with acc.autocast():
@@ -698,9 +768,13 @@ class _Trainer:
                 st["samples"] += o.batch_size * o.grad_accum * world
                 st["tokens"] += step_tokens
                 st["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+                out_of_time = time_budget_spent(o, st["elapsed_s"])
+                if world > 1:  # every process stops at the same step: the first one out of time decides
+                    out_of_time = bool(acc.reduce(torch.tensor(float(out_of_time), device=acc.device), reduction="max"))
 
                 step = st["step"]
-                if step % o.log_every == 0 or step == o.max_steps or step == 1:
+                last = step == o.max_steps or out_of_time
+                if step % o.log_every == 0 or last or step == 1:
                     stats = torch.stack([loss_sum / o.grad_accum] + [v / o.grad_accum for v in extra.values()])
                     if world > 1:
                         stats = acc.reduce(stats, reduction="mean")
@@ -728,8 +802,13 @@ class _Trainer:
                 # records whether its step's validation row was written.
                 if self._is_validation_step(step):
                     self._validate(logger)
+                if out_of_time:
+                    self.save_checkpoint()
+                    self.log(f"max_time_s {o.max_time_s:g} s spent: stopped after step {step} of {o.max_steps}")
+                    break
                 if o.save_every and (step % o.save_every == 0 or step == o.max_steps):
                     self.save_checkpoint()
+        st["stopped_by"] = "max_steps" if st["step"] >= o.max_steps else "max_time_s"
         bar.close()
 
     def _finish(self, logger: MetricsLogger) -> dict[str, Any]:
@@ -759,10 +838,15 @@ class _Trainer:
             "val_ppl": val.get("val_ppl"),
             "val_tokens": val.get("val_tokens"),
             "steps": st["step"],
+            "max_steps": o.max_steps,
+            "max_time_s": o.max_time_s,
+            "stopped_by": st.get("stopped_by"),
+            "lr_last": self.scheduler.get_last_lr()[0],
             "tokens_seen": st["tokens"],
             "samples_seen": st["samples"],
             "wall_time_s": st["elapsed_s"],
             "tokens_per_s": st["tokens"] / st["elapsed_s"] if st["elapsed_s"] else None,
+            **throughput_metrics(st, self.task.flops_per_example, acc.num_processes, acc.device),
             "peak_memory_gb": peak,
             "peak_memory_kind": peak_kind,
             "num_processes": acc.num_processes,
