@@ -88,4 +88,131 @@ def run_ralm(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]
     return report.write_outputs(out, {"ralm": results, "decoder_alone_ppl": decoder_alone["ppl"] if decoder_alone else None}, record)
 
 
-RUNNERS = {"ralm": run_ralm}
+# --- qa --------------------------------------------------------------------------------------
+
+
+def qa_settings(config: Any, cepe: bool) -> list[Any]:
+    """The settings a qa run compares: the policy's own, then the baselines (no repeats)."""
+    from pipeline.evaluate.qa import Setting
+
+    policy = config.policy if config.policy != "auto" else ("cepe" if cepe else "vanilla")
+    if policy == "cepe" and not cepe:
+        raise CepeError(f"policy: 'cepe' needs a CEPE model; {config.model} is a plain decoder")
+    replug = [Setting("replug", k) for k in config.replug_passages if k > 0]
+    own = {"cepe": [Setting("cepe", config.passages_decoder, n) for n in config.passages_encoder],
+           "vanilla": [Setting("decoder", config.passages_decoder)], "replug": replug}[policy]
+    most = config.passages_decoder + max(config.passages_encoder, default=0)
+    extra = {"decoder": [Setting("decoder", config.passages_decoder)], "decoder-fit": [Setting("decoder-fit", most)],
+             "replug": replug}
+    settings: list[Any] = []
+    for s in own + [s for b in config.qa_baselines for s in extra[b]]:
+        if s not in settings:
+            settings.append(s)
+    if not settings:
+        raise CepeError("qa: no setting to run (passages_encoder / replug_passages / qa_baselines are empty)")
+    return settings
+
+
+def _qa_inputs(setting: Any, ex: Any, demos: list[str], tokenizer: Any, budget: int, chunk_len: int) -> tuple[Any, int, int]:
+    """(Prepared, passages in the decoder, passages in the encoder) of one example in one setting."""
+    from pipeline.evaluate import qa
+    from pipeline.evaluate.adapters import Prepared
+
+    if setting.policy == "cepe":
+        n_dec = qa.fit_passages(tokenizer, [], ex.passages[: setting.decoder_passages], ex.question, budget)
+        enc = ex.passages[setting.decoder_passages : setting.decoder_passages + setting.encoder_passages]
+        chunks = ([qa.chunk(tokenizer, "\n\n".join(demos), chunk_len)] if demos else []) + \
+            [qa.chunk(tokenizer, p.render(), chunk_len) for p in enc]
+        ids = qa.encode(tokenizer, qa.decoder_text([], ex.passages[:n_dec], ex.question))
+        return Prepared(ids, chunks), n_dec, len(enc)
+    n_dec = qa.fit_passages(tokenizer, demos, ex.passages[: setting.decoder_passages], ex.question, budget)
+    ids = qa.encode(tokenizer, qa.decoder_text(demos, ex.passages[:n_dec], ex.question))
+    return Prepared(ids[-budget:]), n_dec, 0
+
+
+def run_qa(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
+    import random
+
+    from pipeline.evaluate import qa
+    from pipeline.evaluate.adapters import Generator, eos_ids
+
+    errors = report.DataErrors()
+    data, digest = qa.load_examples(config.data, errors)
+    record.add_data("qa", digest, path=config.data, datasets={k: len(v) for k, v in data.items()})
+    pools = data
+    if config.demo_data:
+        demo_sets, demo_digest = qa.load_examples(config.demo_data, errors)
+        record.add_data("demos", demo_digest, path=config.demo_data)
+        merged = [e for v in demo_sets.values() for e in v]
+        pools = {name: demo_sets.get(name, merged) for name in data}
+    if not any(data.values()):
+        errors.write(out)
+        raise CepeError(f"data: no usable qa example in {config.data} ({len(errors.lines)} data errors)")
+    model, tokenizer = setup_model(config, record)
+    cepe = models.is_cepe(model)
+    settings = qa_settings(config, cepe)
+    positions = models.max_positions(model) or 4096
+    max_new = config.max_new_tokens or qa.MAX_NEW_TOKENS
+    budget = (config.max_length or positions) - max_new
+    cepe_budget = (config.decoder_max_len or positions) - max_new
+    stops = qa.stop_token_ids(tokenizer, eos_ids(model, tokenizer))
+    generator = Generator(model, tokenizer, None, batch_size=config.batch_size, chunk_len=config.chunk_len,
+                          progress=config.progress)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    _seed(config.seed)
+    metrics: dict[str, Any] = {}
+    rows = []
+    for name, examples in data.items():
+        examples = examples[: config.limit] if config.limit else examples
+        if not examples:
+            continue
+        demos = [[qa.demo_text(d) for d in qa.sample_demos(pools[name], ex.question, config.demos,
+                                                            random.Random(f"{config.seed}:{name}:{i}"))]
+                 for i, ex in enumerate(examples)]
+        metrics[name] = {}
+        for setting in settings:
+            if setting.policy == "replug":
+                preds, used = [], []
+                for ex, dm in zip(examples, demos):
+                    passages = ex.passages[: setting.decoder_passages]
+                    prompts = [qa.encode(tokenizer, qa.decoder_text(dm, [p], ex.question))[-budget:] for p in passages]
+                    tokens = qa.replug_generate(models.decoder_of(model), prompts, qa.replug_weights(passages, config.replug_temperature),
+                                                max_new, stops, pad_id)
+                    preds.append(tokenizer.decode(tokens, skip_special_tokens=True))
+                    used.append((len(passages), 0, max(len(p) for p in prompts)))
+            else:
+                b = cepe_budget if setting.policy == "cepe" else budget
+                built = [_qa_inputs(setting, ex, dm, tokenizer, b, config.chunk_len) for ex, dm in zip(examples, demos)]
+                preds = generator.generate_prepared([p for p, _, _ in built], max_new, stops, desc=f"qa {name} {setting.name}")
+                used = [(nd, ne, len(p.input_ids)) for p, nd, ne in built]
+            per_example = []
+            pred_rows = []
+            for ex, raw, (nd, ne, width) in zip(examples, preds, used):
+                pred = qa.postprocess(raw)
+                s = qa.score(pred, ex.answers)
+                per_example.append(s)
+                pred_rows.append({"id": ex.id, "question": ex.question, "answers": ex.answers, "pred": pred, **s,
+                                  "decoder_passages": nd, "encoder_passages": ne, "decoder_tokens": width})
+            write_jsonl(out / "pred" / name / f"{setting.name}.jsonl", pred_rows)
+            metrics[name][setting.name] = {**qa.aggregate(per_example), "policy": setting.policy,
+                                           "decoder_passages": round(sum(u[0] for u in used) / len(used), 2),
+                                           "encoder_passages": round(sum(u[1] for u in used) / len(used), 2)}
+            rows.append([name, setting.name, setting.policy, metrics[name][setting.name]["decoder_passages"],
+                         metrics[name][setting.name]["encoder_passages"]] +
+                        [metrics[name][setting.name][k] for k in ("em", "f1", "substring_em", "n")])
+    errors.write(out)
+    header = ["dataset", "setting", "policy", "decoder_passages", "encoder_passages", "em", "f1", "substring_em", "n"]
+    report.write_tsv(out / "qa_by_passages.tsv", header, rows)
+    (out / "table.md").write_text(_markdown(header, rows), encoding="utf-8")
+    record.set("qa", {"settings": [s.name for s in settings], "demos": config.demos, "max_new_tokens": max_new,
+                      "decoder_budget": budget, "cepe_decoder_budget": cepe_budget})
+    return report.write_outputs(out, {"qa": metrics, "data_errors": len(errors.lines)}, record)
+
+
+def _markdown(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+RUNNERS = {"ralm": run_ralm, "qa": run_qa}
