@@ -215,4 +215,97 @@ def _markdown(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RUNNERS = {"ralm": run_ralm, "qa": run_qa}
+# --- icl -------------------------------------------------------------------------------------
+
+
+def icl_settings(config: Any, cepe: bool) -> list[tuple[str, int, int]]:
+    """(name, demonstrations in the decoder, in the encoder): cepe's (CEPE models), then the decoder's."""
+    out = [(f"cepe-{config.demos}+{n}", config.demos, n) for n in config.icl_encoder_demos] if cepe else []
+    out += [(f"decoder-{n}", n, 0) for n in config.icl_decoder_demos]
+    if not out:
+        raise CepeError("icl: no setting to run (icl_decoder_demos is empty and the model is not a CEPE model)")
+    return list(dict.fromkeys(out))
+
+
+def run_icl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    from pipeline.evaluate import icl
+    from pipeline.evaluate.adapters import encoder_tensors
+
+    sets = icl.select_sets(config.subtasks)
+    errors = report.DataErrors()
+    loaded = {}
+    for name in sets:  # read and check every set before loading a model
+        train, test, options, digest = icl.load_set(config.data, name, errors)
+        n_test = config.limit or icl.TEST_EXAMPLES
+        if not train or not test:
+            errors.write(out)
+            raise CepeError(f"data: {name} has no usable {'train' if not train else 'test'} example ({len(errors.lines)} data errors)")
+        loaded[name] = (train, test[:n_test], options)
+        record.add_data(name, digest, n_train=len(train), n_test=len(test), n_used=len(test[:n_test]), n_options=len(options))
+    if not config.icl_seeds:
+        raise CepeError("icl_seeds: at least one seed is required")
+    model, tokenizer = setup_model(config, record)
+    cepe = models.is_cepe(model)
+    settings = icl_settings(config, cepe)
+    positions = models.max_positions(model) or 4096
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    metrics: dict[str, Any] = {}
+    rows = []
+    for name, (train, test, options) in loaded.items():
+        spec = icl.SETS[name]
+        option_ids = [list(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+        lengths = [len(o) for o in option_ids]
+        budget = positions - max(lengths)
+        # content-free calibration: each option after the BOS token alone, the plain decoder
+        calibration = icl.option_scores(models.decoder_of(model), [bos], option_ids)
+        by_class = icl.group_by_class(train)
+        metrics[name] = {}
+        for setting, n_dec, n_enc in settings:
+            per_seed = []
+            for seed in config.icl_seeds:
+                rng = random.Random(seed)
+                hits = {m: 0 for m in icl.METRICS}
+                pred_rows = []
+                truncated = 0
+                for i, item in enumerate(test):
+                    demos = icl.sample_demos(by_class, n_dec + n_enc, rng)
+                    dec_text = "\n\n".join([spec.render(d.text, options[d.label]) for d in demos[:n_dec]] + [spec.render(item.text)])
+                    prefix = list(tokenizer(dec_text, add_special_tokens=True)["input_ids"])
+                    if len(prefix) > budget:  # keep the test item: the oldest demonstrations go first
+                        prefix, truncated = prefix[:1] + prefix[len(prefix) - budget + 1 :], truncated + 1
+                    encoder = None
+                    if n_enc:
+                        chunks = [list(tokenizer(spec.render(d.text, options[d.label]), add_special_tokens=False)["input_ids"])[: config.chunk_len]
+                                  for d in demos[n_dec:]]
+                        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                        enc_ids, enc_mask = encoder_tensors([chunks], config.chunk_len, pad_id, device)  # (1, n, L)
+                        with torch.inference_mode():
+                            encoder = model.encode(enc_ids, enc_mask)
+                    scores = icl.option_scores(model, prefix, option_ids, encoder)
+                    picks = icl.predictions(scores, lengths, calibration)
+                    for m in icl.METRICS:
+                        hits[m] += int(picks[m] == item.label)
+                    pred_rows.append({"index": i, "label": options[item.label].strip(),
+                                      **{f"pred_{m}": options[picks[m]].strip() for m in icl.METRICS},
+                                      "decoder_tokens": len(prefix), "encoder_demos": n_enc})
+                write_jsonl(out / "pred" / name / setting / f"seed{seed}.jsonl", pred_rows)
+                per_seed.append({m: round(100 * hits[m] / len(test), 2) for m in icl.METRICS} | {"seed": seed, "truncated": truncated})
+            mean = {m: round(sum(r[m] for r in per_seed) / len(per_seed), 2) for m in icl.METRICS}
+            metrics[name][setting] = {**mean, "decoder_demos": n_dec, "encoder_demos": n_enc, "n": len(test), "seeds": per_seed}
+            rows.append([name, setting, n_dec, n_enc] + [mean[m] for m in icl.METRICS] + [len(test)])
+    names = [s for s, _, _ in settings]
+    average = {s: round(sum(metrics[n][s]["acc_calibrated"] for n in metrics) / len(metrics), 2) for s in names}
+    errors.write(out)
+    header = ["set", "setting", "decoder_demos", "encoder_demos", *icl.METRICS, "n"]
+    report.write_tsv(out / "icl_by_demos.tsv", header, rows)
+    (out / "table.md").write_text(_markdown(header, rows), encoding="utf-8")
+    record.set("icl", {"sets": sets, "settings": names, "seeds": list(config.icl_seeds), "calibration": "BOS-only prompt"})
+    return report.write_outputs(out, {"icl": metrics, "average_acc_calibrated": average, "data_errors": len(errors.lines)}, record)
+
+
+RUNNERS = {"ralm": run_ralm, "qa": run_qa, "icl": run_icl}
