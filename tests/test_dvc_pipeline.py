@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, load_config, read_params
 from pipeline.stages.convert_decoder import ConvertConfig
 from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
+from pipeline.stages.index import IndexConfig
 from pipeline.stages.prepare_data import PrepareConfig
 from pipeline.stages.pretrain_encoder import PretrainEncoderConfig
 from pipeline.stages.teacher_logits import TeacherLogitsConfig
@@ -42,6 +43,10 @@ SECTIONS = {
     "evaluate_ppl": EvaluateConfig,
     "evaluate_ruler": EvaluateConfig,
     "evaluate_longbench": EvaluateConfig,
+    "index": IndexConfig,
+    "evaluate_qa": EvaluateConfig,
+    "evaluate_icl": EvaluateConfig,
+    "evaluate_ralm": EvaluateConfig,
     "evaluate": EvaluateConfig,
 }
 STAGES = ["convert", "prepare_mlm", "prepare_warmup", "prepare", "pretrain_encoder", "warmup", "train",
@@ -97,9 +102,12 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile):
     assert p["distill"]["data"] == [p["prepare"]["output"]]
     assert p["distill"]["logits"] == [p["teacher_logits"]["output"]]
     assert _model_dir(p["distill"]["model"]) == p["warmup"]["output"] + "/model"
-    for section in ("evaluate_ppl", "evaluate_ruler", "evaluate_longbench"):
+    for section in ("evaluate_ppl", "evaluate_ruler", "evaluate_longbench", "evaluate_qa", "evaluate_icl", "evaluate_ralm"):
         assert _model_dir(p[section]["model"]) == p["train"]["output"] + "/model", section
         assert p[section]["tokenizer"] == decoder, section
+    # ralm reads the index stage's output, cut with the evaluated model's tokenizer into encoder chunks
+    assert p["evaluate_ralm"]["index"] == p["index"]["output"] and p["index"]["tokenizer"] == decoder
+    assert p["index"]["passage_tokens"] <= p["evaluate_ralm"]["chunk_len"]
     assert p["prepare_mlm"]["layout"] == "mlm" and p["prepare_warmup"]["layout"] == "duplicate"
     # the teacher and the student must agree on the window split they were computed for
     for key in ("teacher_context_len", "decoder_len", "k", "temperature"):
@@ -146,6 +154,37 @@ def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == {p: sorted(STAGES) for p in PROFILES}
+
+
+def test_the_commented_downstream_stages_resolve_when_enabled(tmp_path):
+    """Uncommenting the index stage and the qa/icl/ralm entries (as the README says) gives a valid
+    graph under every profile, evaluate@ralm depending on the index's output."""
+    pytest.importorskip("dvc")
+    text = (ROOT / "dvc.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("  # index:")
+    for i in range(start, lines.index("  evaluate:")):
+        lines[i] = lines[i].replace("  # ", "  ", 1) if lines[i].startswith("  # ") else lines[i]
+    enabled = "\n".join(lines) + "\n"
+    for task in ("qa", "icl", "ralm"):
+        enabled = enabled.replace(f"      # {task}: {{", f"      {task}: {{")
+    (tmp_path / "dvc.yaml").write_text(enabled)
+    (tmp_path / "params").mkdir()
+    for p in PROFILES:
+        shutil.copy(_profile(p), tmp_path / "params" / f"{p}.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n    no_scm = true\n")
+    script = RESOLVE.replace("sorted(s.addressing for s in repo.index.stages)",
+                             "sorted((s.addressing, sorted(d.def_path for d in s.deps)) for s in repo.index.stages)")
+    proc = subprocess.run([sys.executable, "-c", script, *PROFILES], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graphs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for profile, stages in graphs.items():
+        deps = {name: d for name, d in stages}
+        assert set(deps) == set(STAGES) | {"index", "evaluate@qa", "evaluate@icl", "evaluate@ralm"}, profile
+        params = read_params(_profile(profile))
+        assert params["index"]["output"] in deps["evaluate@ralm"], profile
+        assert params["evaluate_qa"]["data"] in deps["evaluate@qa"], profile
 
 
 def test_use_profile_switches_params_yaml(tmp_path):
