@@ -144,3 +144,20 @@ def test_qa_data_errors_are_written_and_counted(tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", "--task", "qa", "--progress", "false", "--model", str(plain),
                                       "--data", str(FIXTURES / "bad"), "--output", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "demos: 2 demonstrations asked for, only 0 usable" in result.output  # the two good rows ask the same question
+
+
+def test_cepe_inputs_put_one_passage_per_chunk_and_the_demos_in_one():
+    from pipeline.evaluate.downstream import _qa_inputs
+
+    data, _ = qa.load_examples(str(FIXTURES / "nq-open.jsonl"), DataErrors())
+    ex = data["nq-open"][0]
+    tok = byte_tokenizer()
+    demos = [qa.demo_text(d) for d in data["nq-open"][1:3]]
+    prepared, n_dec, n_enc = _qa_inputs(qa.Setting("cepe", 2, 2), ex, demos, tok, 4096, 64)
+    assert (n_dec, n_enc) == (2, 2)
+    decoded = [tok.decode(c) for c in prepared.encoder_chunks]
+    assert decoded[0] == ("\n\n".join(demos))[:64]  # byte tokens: the first 64 characters
+    assert decoded[1:] == [ex.passages[2].render()[:64], ex.passages[3].render()[:64]]
+    assert tok.decode(prepared.input_ids, skip_special_tokens=True) == qa.decoder_text([], ex.passages[:2], ex.question)
+    prepared, n_dec, _ = _qa_inputs(qa.Setting("decoder", 5), ex, demos, tok, 400, 64)
+    assert n_dec < 5 and len(prepared.input_ids) <= 400 and not prepared.encoder_chunks
