@@ -220,7 +220,8 @@ class PassageIndex:
         return [int(t) for t in row[row >= 0]]
 
     def search(self, queries: list[str], k: int, exclude_docs: list[str | None] | None = None) -> list[list[Hit]]:
-        """Top-k passages per query, best first; `exclude_docs[q]`: a doc_key whose passages query q must not get."""
+        """Top-k passages per query, best first; `exclude_docs[q]`: a doc_key whose passages query q
+        must not get. BM25 returns fewer than k where fewer passages share a term with the query."""
         import numpy as np
 
         k = min(k, len(self))
@@ -249,8 +250,7 @@ class PassageIndex:
                     continue
             kk = min(k, int(mask.sum()) if mask is not None else k)
             docs, scores = self._bm25.retrieve(tokens, k=kk, show_progress=False, weight_mask=mask)
-            hits = [Hit(int(i), float(s)) for i, s in zip(docs[0], scores[0])]
-            if mask is not None:  # a zero-score tie can still return a masked passage
-                hits = [h for h in hits if mask[h.index] > 0]
+            # a score of 0 shares no query term: not retrieved (bm25s fills k with arbitrary ones)
+            hits = [Hit(int(i), float(s)) for i, s in zip(docs[0], scores[0]) if s > 0]
             results.append(hits)
         return results
