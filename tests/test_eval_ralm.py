@@ -126,3 +126,16 @@ def test_dense_index_with_a_tiny_encoder(models, tmp_path):
     assert hit.score == pytest.approx(float((q @ emb.T).max()), rel=1e-5)
     result = _ralm(models["cepe"], out, tmp_path / "o")
     assert result.exit_code == 0, result.output
+
+
+def test_index_bad_input_is_one_line(tmp_path):
+    def run(*args):
+        return CliRunner().invoke(cli, ["index", "--output", str(tmp_path / "i"), *args])
+
+    result = run("--retriever", "dense")
+    assert result.exit_code == 2 and "dense_model: retriever 'dense' needs an encoder model directory" in result.output
+    result = run("--corpus", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert not (tmp_path / "i").exists()  # nothing half-written
+    result = CliRunner().invoke(cli, ["evaluate", "--task", "ralm", "--model", str(tmp_path), "--index", str(tmp_path)])
+    assert result.exit_code == 2
