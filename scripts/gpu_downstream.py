@@ -22,7 +22,8 @@ Run from the repository root after the profile's `dvc repro` (runs/train/model, 
 
 `--corpus`: a jsonl(.gz) file or folder of documents to index (default: the profile's
 `index.corpus`); `--data`: the documents evaluated (default: the profile's `evaluate_ralm.data`);
-`--max-windows`, `--passages` (k, comma-separated) override the profile; `--out` (run folders,
+`--max-windows`, `--passages` (k, comma-separated) override the profile; `--fixture-limit` (qa/icl
+examples per dataset, default 6); `--out` (run folders,
 default runs/downstream); `--results` (default docs/results/downstream.md).
 """
 
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default="", help="default: the profile's evaluate_ralm.model")
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--passages", default="", help="k values, comma-separated (default: the profile's ralm_passages)")
+    ap.add_argument("--fixture-limit", type=int, default=6, help="qa/icl: fixture examples per dataset/set")
     ap.add_argument("--out", default="runs/downstream")
     ap.add_argument("--results", default="docs/results/downstream.md")
     args = ap.parse_args()
@@ -94,11 +96,11 @@ def main() -> None:
     fixtures = ROOT / "tests" / "fixtures"
     qa = ["evaluate", "--params", params, "--section", "evaluate_qa", "--data", str(fixtures / "qa"),
           "--passages-encoder", "1", "--passages-encoder", "3", "--passages-decoder", "1", "--replug-passages", "2",
-          "--limit", "6", "--output", str(out / "qa"), "--progress", "false", *model]
+          "--limit", str(args.fixture_limit), "--output", str(out / "qa"), "--progress", "false", *model]
     _cepe(qa, commands)
     icl = ["evaluate", "--params", params, "--section", "evaluate_icl", "--data", str(fixtures / "icl"),
            "--demos", "1", "--icl-encoder-demos", "3", "--icl-decoder-demos", "1", "--icl-decoder-demos", "4",
-           "--output", str(out / "icl"), "--progress", "false", *model]
+           "--limit", str(args.fixture_limit), "--output", str(out / "icl"), "--progress", "false", *model]
     _cepe(icl, commands)
     write_results(Path(args.results), out, commands, time.time() - started, args)
 

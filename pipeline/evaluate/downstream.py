@@ -50,7 +50,8 @@ def run_ralm(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]
         raise CepeError(f"data: no document has {config.decoder_len} tokens (decoder_len) or more")
     _seed(config.seed)
     queries = ralm.queries_for(docs, windows, config.decoder_len, config.eval_window, tokenizer)
-    hits = ralm.retrieve(index, queries, max(ks), [doc_key(docs_raw[int(docs[d][0])][1]) for d, _ in windows])
+    # top-k per window, none from the window's own document (its doc_key)
+    hits = index.search(queries, max(ks), [doc_key(docs_raw[int(docs[d][0])][1]) for d, _ in windows])
     write_jsonl(out / "retrieval.jsonl", [
         {"doc_id": doc_ids[d], "start": s, "query": q,
          "passages": [{"index": h.index, "doc": index.passages[h.index]["doc"], "score": round(h.score, 4)} for h in hs]}

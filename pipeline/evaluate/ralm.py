@@ -4,9 +4,9 @@ Windows are the ppl task's (`pipeline/evaluate/ppl.py`: documents tokenized with
 tokenizer, windows of `decoder_len` tokens at stride `stride`, a seeded `max_windows` of them).
 The window's tokens before its scored part (the first `decoder_len - eval_window`) are the query,
 decoded to text; the index (`cepe index`, pipeline/evaluate/retrieval.py) returns its top
-passages, never one of the window's own document (same doc_key), so the text the window scores
-is never retrieved. Each window is scored on its last `eval_window` tokens, for every k in
-`ralm_passages`:
+passages, never one of the window's own document (same doc_key): a window cannot read its own
+text back from the index (a copy of it in another document still can). Each window is scored
+on its last `eval_window` tokens, for every k in `ralm_passages`:
 
 - `cepe` (CEPE models): the window in the decoder, the top-k passages in the encoder, one
   passage per chunk (k = 0: the decoder alone);
@@ -33,11 +33,6 @@ def queries_for(docs: list[tuple[str, list[int]]], windows: list[tuple[int, int]
     """The query text of each window: its tokens before the scored part, decoded."""
     q = decoder_len - eval_window
     return [tokenizer.decode(docs[d][1][s : s + q], skip_special_tokens=True) for d, s in windows]
-
-
-def retrieve(index: PassageIndex, queries: list[str], k: int, exclude: list[str]) -> list[list[Hit]]:
-    """Top-k hits per window, none from the window's own document (`exclude[i]`, its doc_key)."""
-    return index.search(queries, k, exclude)
 
 
 def score(model: Any, docs: list[tuple[str, list[int]]], windows: list[tuple[int, int]], hits: list[list[Hit]],
