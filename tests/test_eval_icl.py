@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from eval_helpers import save_tiny, save_tiny_cepe, tiny_llama
+from eval_helpers import save_tiny, save_tiny_cepe, tiny_cepe, tiny_llama
 
 from cepe_cli.main import cli
 from pipeline.evaluate import icl
@@ -58,6 +58,23 @@ def test_option_scores_match_a_full_forward():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         ref = sum(float(logp[len(prefix) - 1 + t, tok]) for t, tok in enumerate(o))
         assert s == pytest.approx(ref, abs=1e-4)
+
+
+def test_option_scores_with_encoder_states_match_a_full_forward():
+    model = tiny_cepe()
+    prefix, options = [256, 40, 41, 42, 43], [[50, 51], [52], [53, 54, 55]]
+    enc = torch.randint(3, 250, (1, 2, 16))
+    mask = torch.ones_like(enc)
+    mask[0, 1, 10:] = 0
+    with torch.no_grad():
+        states = model.encode(enc, mask)
+    got = icl.option_scores(model, prefix, options, states)
+    for o, s in zip(options, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix + o]), encoder_input_ids=enc, encoder_attention_mask=mask).logits
+        logp = torch.log_softmax(logits[0].float(), -1)
+        assert s == pytest.approx(sum(float(logp[len(prefix) - 1 + t, tok]) for t, tok in enumerate(o)), abs=1e-4)
+    assert got != icl.option_scores(model, prefix, options)  # the encoder states reach the scores
 
 
 def test_labels_and_data_errors():

@@ -219,33 +219,46 @@ def group_by_class(items: list[Item]) -> list[list[Item]]:
 def option_scores(model: Any, prefix: list[int], options: list[list[int]], encoder: tuple[Any, Any] | None = None) -> list[float]:
     """Sum of log p(option tokens | prefix) for each option (token-id lists).
 
-    All rows share the prefix, so the option tokens start at the same position P in every row:
-    right padding leaves the scored logits untouched, and only the last max_len + 1 are computed.
+    The prefix runs once (its KV cache kept, its last logit scoring each option's first token);
+    options then run `OPTION_BATCH` at a time on copies of that cache, right-padded (padding
+    comes after every scored token, so causal attention never lets it in).
     encoder: (encoder_hidden_states (1, S, H), encoder_padding_mask (1, S) or None) computed once.
     """
+    import copy
+
     import torch
 
     device = next(model.parameters()).device
-    p = len(prefix)
-    scores: list[float] = []
-    for start in range(0, len(options), OPTION_BATCH):
-        batch = options[start : start + OPTION_BATCH]
-        m = max(len(o) for o in batch)
-        ids = torch.zeros((len(batch), p + m), dtype=torch.long)
-        for b, o in enumerate(batch):
-            ids[b, :p] = torch.tensor(prefix, dtype=torch.long)
-            ids[b, p : p + len(o)] = torch.tensor(o, dtype=torch.long)
-        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "logits_to_keep": m + 1, "use_cache": False}
-        if encoder is not None:
-            states, pad = encoder
-            kwargs["encoder_hidden_states"] = states.expand(len(batch), -1, -1)
-            kwargs["encoder_padding_mask"] = None if pad is None else pad.expand(len(batch), -1)
-        with torch.inference_mode():
-            logits = model(**kwargs).logits[:, :m].float()  # (B, m, V): logit P-1+t predicts token P+t
-            logp = torch.log_softmax(logits, dim=-1)
-        for b, o in enumerate(batch):
-            target = torch.tensor(o, dtype=torch.long, device=logp.device)
-            scores.append(float(logp[b, torch.arange(len(o)), target].sum()))
+
+    def context(rows: int) -> dict[str, Any]:
+        if encoder is None:
+            return {}
+        states, pad = encoder
+        return {"encoder_hidden_states": states.expand(rows, -1, -1),
+                "encoder_padding_mask": None if pad is None else pad.expand(rows, -1)}
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), use_cache=True,
+                    logits_to_keep=1, **context(1))
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): predicts each option's token 0
+        cache = out.past_key_values
+        scores: list[float] = []
+        for start in range(0, len(options), OPTION_BATCH):
+            batch = options[start : start + OPTION_BATCH]
+            m = max(len(o) for o in batch)
+            ids = torch.zeros((len(batch), m), dtype=torch.long)  # (B, m), right-padded
+            for b, o in enumerate(batch):
+                ids[b, : len(o)] = torch.tensor(o, dtype=torch.long)
+            if m > 1:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(batch))
+                logits = model(input_ids=ids.to(device), past_key_values=past, use_cache=True, **context(len(batch))).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, m, V): position t predicts token t + 1
+            for b, o in enumerate(batch):
+                total = float(first[o[0]])
+                for t in range(1, len(o)):
+                    total += float(logp[b, t - 1, o[t]])
+                scores.append(total)
     return scores
 
 
