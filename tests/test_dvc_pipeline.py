@@ -84,12 +84,16 @@ def test_profile_wires_each_stage_to_the_outputs_it_reads(profile, rendered):
     assert p["distill"]["data"] == [p["prepare"]["output"]]
     assert p["distill"]["logits"] == [p["teacher_logits"]["output"]]
     assert _model_dir(p["distill"]["model"]) == p["warmup"]["output"] + "/model"
-    for section in ("evaluate_ppl", "evaluate_ppl_long", "evaluate_ruler", "evaluate_longbench"):
+    for section in ("evaluate_ppl", "evaluate_ppl_long", "evaluate_ruler", "evaluate_longbench", "evaluate_qa",
+                    "evaluate_icl", "evaluate_ralm"):
         assert _model_dir(p[section]["model"]) == p["train"]["output"] + "/model", section
         assert p[section]["tokenizer"] == decoder, section
     # the plots stage's deps are these sections' outputs (dvc.yaml): its runs must be the same
     assert p["plots"]["runs"] == [p[k]["output"] for k in ("pretrain_encoder", "warmup", "train", "distill",
                                                            "evaluate_ppl", "evaluate_ruler")]
+    # ralm reads the index stage's output, cut with the evaluated model's tokenizer into encoder chunks
+    assert p["evaluate_ralm"]["index"] == p["index"]["output"] and p["index"]["tokenizer"] == decoder
+    assert p["index"]["passage_tokens"] <= p["evaluate_ralm"]["chunk_len"]
     assert p["prepare_mlm"]["layout"] == "mlm" and p["prepare_warmup"]["layout"] == "duplicate"
     # the teacher and the student must agree on the window split they were computed for
     for key in ("teacher_context_len", "decoder_len", "k", "temperature"):
@@ -159,6 +163,34 @@ def test_dvc_resolves_the_same_graph_under_every_profile(tmp_path, rendered):
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == {p: sorted(STAGES) for p in PROFILES}
+
+
+def test_the_commented_downstream_stages_resolve_when_enabled(tmp_path, rendered):
+    """Uncommenting the index stage and the qa/icl/ralm entries (as the README says) gives a valid
+    graph under every profile."""
+    pytest.importorskip("dvc")
+    text = (ROOT / "dvc.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("  # index:")
+    for i in range(start, lines.index("  evaluate:")):
+        lines[i] = lines[i].replace("  # ", "  ", 1) if lines[i].startswith("  # ") else lines[i]
+    enabled = "\n".join(lines) + "\n"
+    for task in ("qa", "icl", "ralm"):
+        enabled = enabled.replace(f"      # {task}: {{", f"      {task}: {{")
+    (tmp_path / "dvc.yaml").write_text(enabled)
+    (tmp_path / "params").mkdir()
+    for p in PROFILES:
+        shutil.copy(rendered / f"{p}.yaml", tmp_path / "params" / f"{p}.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n    no_scm = true\n")
+    script = RESOLVE.replace("sorted(s.addressing for s in repo.index.stages)",
+                             "sorted((s.addressing, sorted(d.def_path for d in s.deps)) for s in repo.index.stages)")
+    proc = subprocess.run([sys.executable, "-c", script, *PROFILES], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graphs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for profile, stages in graphs.items():
+        deps = {name: d for name, d in stages}
+        assert set(deps) == set(STAGES) | {"index", "evaluate@qa", "evaluate@icl", "evaluate@ralm"}, profile
 
 
 def test_use_profile_switches_params_yaml(tmp_path, rendered):

@@ -7,7 +7,11 @@
 - `longbench.py` + `longbench_metrics.py`: THUDM LongBench v1 / LongBench-E, official scoring.
 - `zeroscrolls.py`: the six ZeroSCROLLS tasks CEPE used for CEPED, with their metrics.
 - `ruler.py`: RULER's synthetic needle / variable-tracking tasks, generated per tokenizer.
-- `runners.py`: one runner per task family; `report.py`: run record, metrics.json, TSV plots.
+- `qa.py`: open-domain QA over retrieved passages (CEPE / FlashRAG layouts), REPLUG, EM/F1.
+- `icl.py`: the eleven PCW classification sets, balanced demonstrations, calibrated NLL scoring.
+- `ralm.py` + `retrieval.py`: retrieval-augmented LM over a passage index (BM25 / dense).
+- `runners.py`: one runner per benchmark family, `downstream.py`: the qa, icl and ralm runners;
+  `report.py`: run record, metrics.json, TSV plots, data errors.
 
 The entry point is `pipeline.stages.evaluate.run(EvaluateConfig)` (`cepe evaluate`).
 """

@@ -265,7 +265,24 @@ class Generator:
         bar.close()
         return outputs, prepared
 
-    def _generate_batch(self, items: list[Prepared], max_new_tokens: int, stop_on_newline: bool) -> list[str]:
+    def generate_prepared(self, prepared: list[Prepared], max_new_tokens: int, eos_token_ids: list[int],
+                          desc: str = "generate") -> list[str]:
+        """Predictions for inputs a task built itself (e.g. one retrieved passage per encoder
+        chunk), batched as `generate` does, stopping at any of `eos_token_ids`."""
+        from tqdm.auto import tqdm
+
+        outputs: list[str] = [""] * len(prepared)
+        bar = tqdm(total=len(prepared), desc=desc, unit="ex", disable=not self.progress, dynamic_ncols=True)
+        for batch in _batches(prepared, self.batch_size):
+            texts = self._generate_batch([prepared[j] for j in batch], max_new_tokens, False, eos_token_ids)
+            for j, text in zip(batch, texts):
+                outputs[j] = text
+            bar.update(len(batch))
+        bar.close()
+        return outputs
+
+    def _generate_batch(self, items: list[Prepared], max_new_tokens: int, stop_on_newline: bool,
+                        eos_token_ids: list[int] | None = None) -> list[str]:
         import torch
 
         tok, model = self.tokenizer, self.model
@@ -290,7 +307,7 @@ class Generator:
             # samsum in pred.py: min_length=context_length+1, eos=[eos, "\n"]
             kwargs.update(eos_token_id=[tok.eos_token_id, newline_id(tok)], min_new_tokens=1)
         else:
-            kwargs.update(eos_token_id=eos)
+            kwargs.update(eos_token_id=eos_token_ids or eos)
         if items[0].encoder_chunks:
             enc_ids, enc_mask = encoder_tensors([p.encoder_chunks for p in items], self.chunk_len, pad_id, device)
             kwargs.update(encoder_input_ids=enc_ids, encoder_attention_mask=enc_mask)

@@ -281,19 +281,20 @@ def shard_windows(root: str, split: str, max_windows: int | None, seed: int) -> 
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def window_nll(model: Any, decoder_ids: Any, eval_window: int, encoder_ids: Any = None) -> Any:
+def window_nll(model: Any, decoder_ids: Any, eval_window: int, encoder_ids: Any = None, encoder_mask: Any = None) -> Any:
     """Mean NLL (nats) of the last `eval_window` tokens of each row of `decoder_ids` (B, T).
 
     Only the last `eval_window + 1` logits are computed (`logits_to_keep`): position t predicts
     token t + 1, so logits[-eval_window - 1 : -1] score tokens[-eval_window:]. fp32 log-softmax.
-    encoder_ids: (B, n, chunk_len) context chunks for a CEPE model, or None.
+    encoder_ids: (B, n, chunk_len) context chunks for a CEPE model, or None; encoder_mask: their
+    0/1 mask (default all ones: full chunks).
     """
     import torch
 
     kwargs: dict[str, Any] = {"input_ids": decoder_ids, "logits_to_keep": eval_window + 1, "use_cache": False}
     if encoder_ids is not None:
         kwargs["encoder_input_ids"] = encoder_ids
-        kwargs["encoder_attention_mask"] = torch.ones_like(encoder_ids)
+        kwargs["encoder_attention_mask"] = torch.ones_like(encoder_ids) if encoder_mask is None else encoder_mask
     with torch.inference_mode():
         logits = model(**kwargs).logits[:, -eval_window - 1 : -1].float()  # (B, W, V)
         targets = decoder_ids[:, -eval_window:]  # (B, W)

@@ -72,3 +72,26 @@ def write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
     lines = ["\t".join(header)] + ["\t".join(cell(v) for v in row) for row in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class DataErrors:
+    """Rows a task could not use, one line each naming file, line and field.
+
+    Each is printed to stderr as it is found and written to `data_errors.txt` in the output
+    folder; the row is left out and `metrics.json` counts them (`data_errors`), so nothing is
+    dropped silently. A task with no usable row at all stops with a `CepeError`.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: Any, line: int, field: str, expected: str) -> None:
+        import sys
+
+        text = f"{path} line {line}: field {field!r}: {expected}"
+        self.lines.append(text)
+        print(f"data error: {text}", file=sys.stderr)
+
+    def write(self, out_dir: Path) -> None:
+        if self.lines:
+            atomic_write_text(out_dir / "data_errors.txt", "\n".join(self.lines) + "\n")

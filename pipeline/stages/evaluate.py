@@ -2,8 +2,10 @@
 
 Tasks (evaluation.md): `ppl` (CEPE's long-context perplexity with its baselines), `longbench`
 and `longbench-e` (THUDM LongBench v1; `predictions` scores existing files without a model),
-`zeroscrolls` (the six CEPED tasks, validation split) and `ruler` (synthetic needle tasks made
-with the model's tokenizer). Each run writes into `output` (default `reports/evaluate/<task>`):
+`zeroscrolls` (the six CEPED tasks, validation split), `ruler` (synthetic needle tasks made
+with the model's tokenizer), and the paper's applications: `qa` (open-domain QA over retrieved
+passages), `icl` (the eleven PCW classification sets with many demonstrations) and `ralm`
+(retrieval-augmented LM over an index that `cepe index` builds). Each run writes into `output` (default `reports/evaluate/<task>`):
 per-example JSONL, `metrics.json` (for `dvc metrics`), `run.json` (model, task, data checksums,
 lengths, seed, wall time, resolved config) and, for ppl/ruler, a TSV per length for `dvc plots`.
 The output directory is replaced only when the run completes.
@@ -18,7 +20,8 @@ from typing import Any, Literal
 from pipeline.config import ConfigError, field, to_dict
 from pipeline.errors import CepeError
 
-TASKS = ("ppl", "longbench", "longbench-e", "zeroscrolls", "ruler")
+TASKS = ("ppl", "longbench", "longbench-e", "zeroscrolls", "ruler", "qa", "icl", "ralm")
+QA_BASELINES = ("decoder", "decoder-fit", "replug")
 # Keys that only one task family reads; the others ignore them, so a params section for another
 # task leaves them out (params/base.yaml; the registry's section check allows it).
 TASK_ONLY_KEYS = {
@@ -36,14 +39,14 @@ def keys_unread_by(task: str) -> frozenset[str]:
 @dataclass
 class EvaluateConfig:
     # what to evaluate
-    task: str = field("ppl", help="ppl | longbench | longbench-e | zeroscrolls | ruler")
+    task: str = field("ppl", help="ppl | longbench | longbench-e | zeroscrolls | ruler | qa | icl | ralm")
     model: str = field("", help="model directory (CEPE model or plain decoder) loadable by from_pretrained")
     tokenizer: str = field("", help="tokenizer name/path (default: the model's directory)")
-    data: str = field("", help="ppl: jsonl(.gz) documents, a folder of them, 'embedded', or a prepare-data shard directory; longbench: folder with data/*.jsonl or 'hub'; zeroscrolls: folder or 'hub'")
+    data: str = field("", help="ppl/ralm: jsonl(.gz) documents, a folder of them, 'embedded', or (ppl) a prepare-data shard directory; longbench: folder with data/*.jsonl or 'hub'; zeroscrolls: folder or 'hub'; qa: a json/jsonl file or folder (CEPE or FlashRAG layout); icl: folder with <set>/train.jsonl and <set>/test.jsonl")
     predictions: str = field("", help="longbench/longbench-e: score this folder of <task>.jsonl predictions, no model")
     output: str = field("", help="output folder (default reports/evaluate/<task>)")
     subtasks: list[str] = field(default_factory=list, help="benchmark tasks to run (default: all), e.g. qasper,trec")
-    limit: int | None = field(None, help="evaluate only the first N examples per task (ppl: N windows per length)")
+    limit: int | None = field(None, help="evaluate only the first N examples per task (ppl: N windows per length; icl: default 250 test examples per set)")
     seed: int = field(42, help="seed for window sampling, RULER generation and sampling")
     # how to run the model
     batch_size: int = field(1, help="examples (or ppl windows) per forward/generate call")
@@ -52,7 +55,7 @@ class EvaluateConfig:
     attn_implementation: str = field("sdpa", help="sdpa | eager | flash_attention_2")
     progress: bool = field(True, help="show progress bars")
     # generation input policy (evaluation.md 2.6)
-    policy: Literal["auto", "vanilla", "cepe"] = field("auto", help="auto: cepe for CEPE models, vanilla (middle truncation) otherwise")
+    policy: Literal["auto", "vanilla", "cepe", "replug"] = field("auto", help="auto: cepe for CEPE models, vanilla (middle truncation) otherwise; qa also: replug (per-passage ensembling)")
     max_length: int | None = field(None, help="vanilla: prompt cap in tokens incl. BOS (LongBench max_length); default max positions - 596")
     decoder_max_len: int | None = field(None, help="cepe policy: decoder window incl. generation (default min(2048, max positions))")
     chunk_len: int = field(256, help="encoder chunk length in tokens")
@@ -81,10 +84,25 @@ class EvaluateConfig:
     ruler_lengths: list[int] = field(default_factory=lambda: [1024, 2048], help="ruler: target lengths in tokens (prompt + generation)")
     num_samples: int = field(10, help="ruler: examples per task and length")
     ruler_haystack: str = field("embedded", help="ruler: essay haystack text: 'embedded' or a jsonl(.gz)/txt path")
+    # qa (evaluation.md 1.3)
+    passages_decoder: int = field(10, help="qa: top passages in the decoder window (cepe and decoder settings)")
+    passages_encoder: list[int] = field(default_factory=lambda: [5, 10, 20, 50], help="qa: the next N passages in the encoder, one per chunk (one setting per N)")
+    replug_passages: list[int] = field(default_factory=lambda: [5, 10, 20, 30], help="qa replug: passages ensembled (one setting per k)")
+    replug_temperature: float = field(1.0, help="qa replug: passage weights softmax(retrieval score / temperature)")
+    qa_baselines: list[str] = field(default_factory=lambda: ["decoder-fit", "replug"], help="qa: also run decoder (top passages_decoder), decoder-fit (as many passages as fit the window), replug")
+    demos: int = field(2, help="qa: demonstrations (one passage each; in one encoder chunk for cepe); icl: demonstrations in the decoder for cepe")
+    demo_data: str = field("", help="qa: demonstrations file in the data's layout (default: the data itself, the test question left out)")
+    # icl (evaluation.md 1.4)
+    icl_encoder_demos: list[int] = field(default_factory=lambda: [18, 38], help="icl cepe: more demonstrations in the encoder, one per chunk (one setting per N)")
+    icl_decoder_demos: list[int] = field(default_factory=lambda: [2, 40], help="icl: demonstrations in the decoder alone (one setting per N)")
+    icl_seeds: list[int] = field(default_factory=lambda: [42, 43, 44], help="icl: demonstration-sampling seeds (scores are averaged)")
+    # ralm (evaluation.md 1.2)
+    index: str = field("data/index", help="ralm: passage index directory built by `cepe index`")
+    ralm_passages: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32], help="ralm: retrieved passages per window (one setting per k)")
 
     def __post_init__(self) -> None:
         # `--subtasks a,b` arrives as one item of a repeatable option: split commas here too
-        for name in ("subtasks", "lengths", "baselines"):
+        for name in ("subtasks", "lengths", "baselines", "qa_baselines"):
             setattr(self, name, [part.strip() for item in getattr(self, name) for part in str(item).split(",") if part.strip()])
         if self.task not in TASKS:
             raise ConfigError(f"task: unknown task {self.task!r} (known: {', '.join(TASKS)})")
@@ -102,6 +120,18 @@ class EvaluateConfig:
             raise ConfigError(f"max_encoder_chunks: expected >= 0, got {self.max_encoder_chunks}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
+        if self.policy == "replug" and self.task != "qa":
+            raise ConfigError("policy: 'replug' is a qa policy (per-passage ensembling)")
+        for name in ("passages_encoder", "replug_passages", "icl_encoder_demos", "icl_decoder_demos", "ralm_passages"):
+            if any(n < 0 for n in getattr(self, name)):
+                raise ConfigError(f"{name}: expected numbers >= 0, got {getattr(self, name)}")
+        if self.passages_decoder < 0 or self.demos < 0:
+            raise ConfigError(f"passages_decoder / demos: expected >= 0, got {self.passages_decoder} / {self.demos}")
+        if self.replug_temperature <= 0:
+            raise ConfigError(f"replug_temperature: expected > 0, got {self.replug_temperature}")
+        unknown = [b for b in self.qa_baselines if b not in QA_BASELINES]
+        if unknown:
+            raise ConfigError(f"qa_baselines: unknown baseline {unknown[0]!r} (known: {', '.join(QA_BASELINES)})")
         if any(n < 64 for n in self.ruler_lengths):
             raise ConfigError(f"ruler_lengths: expected lengths of at least 64 tokens, got {self.ruler_lengths}")
 
@@ -132,6 +162,10 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             metrics = runners.run_longbench(config, tmp, record)
         elif config.task == "zeroscrolls":
             metrics = runners.run_zeroscrolls(config, tmp, record)
-        else:
+        elif config.task == "ruler":
             metrics = runners.run_ruler(config, tmp, record)
+        else:
+            from pipeline.evaluate import downstream
+
+            metrics = downstream.RUNNERS[config.task](config, tmp, record)
     return metrics
