@@ -242,6 +242,7 @@ def test_prepare_data_on_a_full_disk(tmp_path, monkeypatch, where):
             raise ENOSPC
 
         monkeypatch.setattr(io, "atomic_write_json", full)
+        monkeypatch.setattr(shards, "atomic_write_json", full)  # the one manifest writer's (shards.write_manifest)
     _one_line(_cli(*args, "--max-documents", "20"), f"output: no space left on the device of {tmp_path / 'out'}",
               "MiB free", "nothing was written")
     assert _tree(tmp_path / "out") == before

@@ -26,7 +26,8 @@ from pipeline.train.losses import causal_lm_loss, eval_last_tokens_nll
 
 GEOM = dict(decoder_len=16, n_chunks=2, chunk_len=8)
 TIMING_COLUMNS = {"tokens_per_s", "elapsed_s"}
-TIMING_METRICS = {"wall_time_s", "tokens_per_s", "peak_memory_gb"}
+TIMING_METRICS = {"wall_time_s", "tokens_per_s", "peak_memory_gb", "decoder_tokens_per_s", "encoder_tokens_per_s",
+                  "model_flops_per_s", "mfu"}
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.decoders import is_cepe_model
+from pipeline.devices import resolve_device
 from pipeline.errors import CepeError
 from pipeline.evaluate import models, report
 from pipeline.evaluate.runners import _seed, setup_model, write_jsonl
@@ -31,7 +33,7 @@ def run_ralm(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]
         raise CepeError("ralm_passages: at least one number of passages is required")
     docs_raw, digest, files = ppl.read_documents(config.data)
     model, tokenizer = setup_model(config, record)
-    index = PassageIndex(config.index, models.resolve_device(config.device))
+    index = PassageIndex(config.index, str(resolve_device(config.device)))
     manifest = index.manifest
     if manifest["tokenizer"]["sha256"] != tokenizer_hash(tokenizer):
         raise CepeError(f"index: {config.index} was cut with tokenizer {manifest['tokenizer']['name']!r}, not the evaluated "
@@ -42,8 +44,8 @@ def run_ralm(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]
     record.add_data("index", manifest["corpus"]["sha256"], path=config.index, retriever=index.retriever,
                     n_passages=len(index), corpus=manifest["corpus"])
     # documents are numbered (ids need not be unique across files); the number leads back to id and text
-    docs = ppl.tokenize_documents([(str(i), text) for i, (_, text) in enumerate(docs_raw)], tokenizer, config.decoder_len)
-    doc_ids = [docs_raw[int(n)][0] for n, _ in docs]
+    docs = ppl.tokenize_documents([(str(i), doc[1]) for i, doc in enumerate(docs_raw)], tokenizer, config.decoder_len)
+    doc_ids = [docs_raw[int(doc[0])][0] for doc in docs]
     windows = ppl.make_windows(docs, config.decoder_len, config.stride, config.limit or config.max_windows,
                                config.max_windows_per_doc, config.seed)
     if not windows:
@@ -56,7 +58,7 @@ def run_ralm(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]
         {"doc_id": doc_ids[d], "start": s, "query": q,
          "passages": [{"index": h.index, "doc": index.passages[h.index]["doc"], "score": round(h.score, 4)} for h in hs]}
         for (d, s), q, hs in zip(windows, queries, hits)])
-    cepe = models.is_cepe(model)
+    cepe = is_cepe_model(model)
     variants = (["cepe"] if cepe else []) + ["in-decoder"]
     positions = models.max_positions(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -150,7 +152,7 @@ def run_qa(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
         errors.write(out)
         raise CepeError(f"data: no usable qa example in {config.data} ({len(errors.lines)} data errors)")
     model, tokenizer = setup_model(config, record)
-    cepe = models.is_cepe(model)
+    cepe = is_cepe_model(model)
     settings = qa_settings(config, cepe)
     positions = models.max_positions(model) or 4096
     max_new = config.max_new_tokens or qa.MAX_NEW_TOKENS
@@ -250,7 +252,7 @@ def run_icl(config: Any, out: Path, record: report.RunRecord) -> dict[str, Any]:
     if not config.icl_seeds:
         raise CepeError("icl_seeds: at least one seed is required")
     model, tokenizer = setup_model(config, record)
-    cepe = models.is_cepe(model)
+    cepe = is_cepe_model(model)
     settings = icl_settings(config, cepe)
     positions = models.max_positions(model) or 4096
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

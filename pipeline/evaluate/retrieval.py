@@ -56,10 +56,11 @@ def cut_passages(docs: list[tuple[str, str]], tokenizer: Any, passage_tokens: in
 
     rows: list[dict[str, str]] = []
     chunks: list[list[int]] = []
-    texts = [text for _, text in docs]
+    texts = [doc[1] for doc in docs]  # (id, text, ...) rows: ppl.read_documents' Doc or plain pairs
     for start in range(0, len(texts), 256):  # batches: the fast tokenizer runs them in parallel
         encoded = tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]
-        for (doc_id, text), ids in zip(docs[start : start + 256], encoded):
+        for doc, ids in zip(docs[start : start + 256], encoded):
+            doc_id, text = doc[0], doc[1]
             key = doc_key(text)
             for i in range(0, len(ids), passage_tokens):
                 piece = list(ids[i : i + passage_tokens])

@@ -47,6 +47,7 @@ class IndexConfig:
 def run(config: IndexConfig) -> dict[str, Any]:
     """Build the index; returns what it wrote (passages, documents, seconds)."""
     from pipeline.data.tokenize import tokenizer_info
+    from pipeline.devices import resolve_device
     from pipeline.evaluate import models, ppl, retrieval
     from pipeline.io import atomic_directory
 
@@ -58,7 +59,7 @@ def run(config: IndexConfig) -> dict[str, Any]:
         manifest = retrieval.build_index(
             tmp, docs, tokenizer, passage_tokens=config.passage_tokens, retriever=config.retriever, corpus=corpus,
             tokenizer_info=tokenizer_info(tokenizer, config.tokenizer), dense_model=config.dense_model,
-            device=models.resolve_device(config.device), dense_max_length=config.dense_max_length,
+            device=str(resolve_device(config.device)), dense_max_length=config.dense_max_length,
             batch_size=config.batch_size, k1=config.bm25_k1, b=config.bm25_b)
     return {"retriever": config.retriever, "n_passages": manifest["n_passages"], "n_documents": manifest["n_documents"],
             "corpus_sha256": digest, "output": config.output, "seconds": round(time.time() - start, 1)}
